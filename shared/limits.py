@@ -1,0 +1,72 @@
+"""Every cap and timeout nixwarden applies, each with its reason.
+
+Imports nothing.  A decoder never reads a length without checking it
+against one of these first, and never allocates a declared length ahead of
+the bytes that actually arrive (STYLE.md 2.2).
+"""
+
+# --- worker protocol (client -> worker) --------------------------------------
+
+#: Longest protocol string (store paths, setting values, error texts, JSON
+#: realisations).  Real ones are far below this; a derivation's env values
+#: can be large, so keep it generous.
+MAX_STRING = 64 * 1024 * 1024
+
+#: Longest store path string (store dir + 32 + 1 + 211, with a long store dir).
+MAX_STORE_PATH = 4096
+
+#: Most elements in one protocol list/set/map.  `QueryValidPaths` of a large
+#: closure is the biggest real one (tens of thousands).
+MAX_LIST_ITEMS = 1_000_000
+
+#: Most settings a client can send in SetOptions overrides.
+MAX_OVERRIDES = 4096
+
+#: Largest single frame of a framed stream (the C++ reader's 32-bit limit).
+MAX_FRAME = 2**32 - 1
+
+#: How many bytes the worker reads from the client socket at once.
+RECV_CHUNK = 256 * 1024
+
+# --- NAR ----------------------------------------------------------------------
+
+#: Longest directory-entry name in a NAR (NAME_MAX).
+MAX_NAR_NAME = 255
+
+#: Longest symlink target in a NAR (PATH_MAX - 1).
+MAX_NAR_TARGET = 4095
+
+#: Deepest directory nesting in a NAR.
+MAX_NAR_DEPTH = 256
+
+#: Longest NAR keyword token ("nix-archive-1", "executable", ...).
+MAX_NAR_TOKEN = 32
+
+# --- internal RPC (worker <-> session) ----------------------------------------
+
+#: Largest RPC frame payload.  Bulk data travels as Chunk frames well below
+#: this; a query answer with a very large path set is the biggest message.
+RPC_FRAME_MAX = 64 * 1024 * 1024
+
+#: Size of one bulk-data Chunk frame.
+RPC_CHUNK = 256 * 1024
+
+# --- processes ----------------------------------------------------------------
+
+#: Worker crashes (killed by a fault signal) before the zygote is replaced.
+ZYGOTE_MAX_CRASHES = 16
+
+#: Session processes the supervisor keeps forked and waiting.
+SESSION_POOL = 2
+
+#: Workers the zygote keeps forked and waiting.
+WORKER_POOL = 2
+
+#: listen() backlog; bursts of connections must not be refused.
+LISTEN_BACKLOG = 1024
+
+#: Open files a worker may hold (client socket, RPC channel, store reads).
+WORKER_RLIMIT_NOFILE = 64
+
+#: Address space of a worker; bounds what a hostile client can make it use.
+WORKER_RLIMIT_AS = 2 * 1024 * 1024 * 1024
