@@ -1,0 +1,55 @@
+"""RPC frame encoding: a 4-byte length, then a msgpack payload of one schema type.
+
+Sans-IO.  Decoding is strict: the payload must be exactly one message of
+the expected union (requests on the session side, replies on the worker
+side), with no unknown fields, no missing fields and the declared types;
+anything else is a ``WorkerViolation``.  Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+from nixwarden.shared import limits
+from nixwarden.shared.errors import WorkerViolation
+from nixwarden.shared.rpc import schema
+
+HEADER = struct.Struct("<I")
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(schema.Request)
+_reply_decoder = msgspec.msgpack.Decoder(schema.Reply)
+
+
+def encode(message) -> bytes:
+    """Return one whole frame (header and payload) for ``message``."""
+    payload = _encoder.encode(message)
+    if len(payload) > limits.RPC_FRAME_MAX:
+        raise ValueError(f"RPC message of {len(payload)} bytes is too large")
+    return HEADER.pack(len(payload)) + payload
+
+
+def frame_length(header: bytes) -> int:
+    """Check a frame header and return the payload length it announces."""
+    (length,) = HEADER.unpack(header)
+    if length > limits.RPC_FRAME_MAX:
+        raise WorkerViolation(f"RPC frame of {length} bytes exceeds the limit")
+    return length
+
+
+def decode_request(payload: bytes):
+    """Decode a worker's request, or raise ``WorkerViolation``."""
+    try:
+        return _request_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise WorkerViolation(f"malformed RPC request: {exc}") from None
+
+
+def decode_reply(payload: bytes):
+    """Decode a session's reply (the worker side's strictness is the same)."""
+    try:
+        return _reply_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise WorkerViolation(f"malformed RPC reply: {exc}") from None

@@ -1,0 +1,193 @@
+"""The closed vocabulary between a worker and its session (STYLE.md 1.2).
+
+One frozen msgspec Struct per request and per reply, each with a numeric
+type id written out in this file; requests are even, replies odd (as in
+OpenSSH's monitor.h).  Requests are store verbs with typed arguments,
+never SQL, file-system paths outside the store, settings blobs or "call
+function X".  Identity and trust never travel in a message: the session
+holds them.  Adding a type here is a security change and is reviewed as
+one.
+
+Store paths travel as their full printed form; the session parses and
+checks every one against its store directory before use.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+
+class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
+           tag_field="t", array_like=True):
+    pass
+
+
+# --- requests (worker -> session) ----------------------------------------------
+
+class SetOptions(_Msg, tag=2):
+    keep_failed: bool
+    keep_going: bool
+    try_fallback: bool
+    verbosity: int
+    max_build_jobs: int
+    max_silent_time: int
+    verbose_build: bool
+    build_cores: int
+    use_substitutes: bool
+    overrides: list[tuple[str, str]]
+
+
+class IsValidPath(_Msg, tag=4):
+    path: str
+
+
+class QueryValidPaths(_Msg, tag=6):
+    paths: list[str]
+    substitute: bool
+
+
+class QueryPathInfo(_Msg, tag=8):
+    path: str
+
+
+class QueryReferrers(_Msg, tag=10):
+    path: str
+
+
+class QueryPathFromHashPart(_Msg, tag=12):
+    hash_part: str
+
+
+class QueryAllValidPaths(_Msg, tag=14):
+    pass
+
+
+class QueryDeriver(_Msg, tag=16):
+    path: str
+
+
+class QueryValidDerivers(_Msg, tag=18):
+    path: str
+
+
+class QueryDerivationOutputMap(_Msg, tag=20):
+    drv_path: str
+
+
+class QuerySubstitutablePaths(_Msg, tag=22):
+    paths: list[str]
+
+
+class QuerySubstitutablePathInfos(_Msg, tag=24):
+    paths: list[tuple[str, str]]  # (store path, content address or "")
+
+
+class QueryMissing(_Msg, tag=26):
+    targets: list[str]  # derived paths in the >= 1.30 syntax: path, drv!*, drv!a,b
+
+
+class AddTempRoot(_Msg, tag=28):
+    path: str
+
+
+class QueryRealisation(_Msg, tag=30):
+    output_id: str
+
+
+class CheckNarReadable(_Msg, tag=32):
+    """Before NarFromPath: is this a valid path the worker may dump?"""
+    path: str
+
+
+Request = Union[
+    SetOptions, IsValidPath, QueryValidPaths, QueryPathInfo, QueryReferrers,
+    QueryPathFromHashPart, QueryAllValidPaths, QueryDeriver, QueryValidDerivers,
+    QueryDerivationOutputMap, QuerySubstitutablePaths,
+    QuerySubstitutablePathInfos, QueryMissing, AddTempRoot, QueryRealisation,
+    CheckNarReadable,
+]
+
+
+# --- replies and in-band messages (session -> worker) --------------------------
+
+class Ok(_Msg, tag=1):
+    pass
+
+
+class Bool(_Msg, tag=3):
+    value: bool
+
+
+class Paths(_Msg, tag=5):
+    paths: list[str]
+
+
+class OptPath(_Msg, tag=7):
+    path: str | None
+
+
+class PathInfo(_Msg, tag=9):
+    path: str
+    deriver: str | None
+    nar_hash_hex: str  # sha256 of the NAR, 64 lowercase hex characters
+    references: list[str]
+    registration_time: int
+    nar_size: int
+    ultimate: bool
+    sigs: list[str]
+    ca: str | None
+
+
+class MaybePathInfo(_Msg, tag=11):
+    info: PathInfo | None
+
+
+class OutputMap(_Msg, tag=13):
+    outputs: list[tuple[str, str | None]]  # (output name, path or None)
+
+
+class SubstitutableInfos(_Msg, tag=15):
+    infos: list[tuple[str, str | None, list[str], int, int]]
+    # (path, deriver, references, download size, nar size)
+
+
+class Missing(_Msg, tag=17):
+    will_build: list[str]
+    will_substitute: list[str]
+    unknown: list[str]
+    download_size: int
+    nar_size: int
+
+
+class Warnings(_Msg, tag=19):
+    lines: list[str]
+
+
+class Strings(_Msg, tag=21):
+    items: list[str]
+
+
+class Failure(_Msg, tag=23):
+    """The request was refused or failed: the worker sends STDERR_ERROR."""
+    message: str
+    exit_status: int
+
+
+class LogLine(_Msg, tag=25):
+    """In-band log line for the client, sent before the final reply."""
+    level: int
+    text: str
+
+
+Reply = Union[
+    Ok, Bool, Paths, OptPath, MaybePathInfo, OutputMap, SubstitutableInfos,
+    Missing, Warnings, Strings, Failure, LogLine,
+]
+
+#: Every type id, for review: requests even, replies odd.
+TYPE_IDS: dict[type, int] = {
+    cls: cls.__struct_config__.tag
+    for cls in (*Request.__args__, *Reply.__args__)
+}
