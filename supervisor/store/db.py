@@ -1,0 +1,529 @@
+"""The local store's SQLite database, shared with CppNix (spec §2, §4.3–§5).
+
+Holds ``StoreDB``: opening (big-lock, schema file, creation with exactly the
+Nix 2.8 schema, per-connection pragmas), the path-info queries and the
+registration / invalidation transactions.  This is the only module that
+imports ``sqlite3`` and the only one that contains SQL (STYLE.md 2.7).
+
+Runs in the supervisor process; workers never get a database handle
+(DESIGN.md §2.1).
+
+Trust: the database file is shared with real Nix tools running as the store
+owner, so rows are trusted as the store's record, but tolerated in every
+form Nix writes (NULL or '' for absent values, extra tables from newer
+versions).  ``PathInfo`` values to register come from supervisor code that
+has already verified content, hash and size; this module enforces only the
+database invariants (references valid or in the batch, no cycles, no
+invalidation of a path that is still referenced).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import sqlite3
+import threading
+import time
+import urllib.parse
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from nixwarden.shared.errors import StoreRefusal
+from nixwarden.supervisor.store import locks
+from nixwarden.supervisor.store.layout import StoreLayout
+from nixwarden.supervisor.store.pathinfo import PathInfo
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: ``nixSchemaVersion`` in every release from 2.8 to master (spec §2.2).
+NIX_SCHEMA_VERSION = 10
+#: ``sqlite3_busy_timeout(3600000)`` (spec §2.1).
+BUSY_TIMEOUT_SECONDS = 3600.0
+#: SQLite primary result codes that Nix retries (``SQLiteBusy``).
+_SQLITE_BUSY = 5
+_SQLITE_PROTOCOL = 15
+#: Bound on the number of host parameters per statement.
+_IN_CHUNK = 500
+#: Length of a store path hash part.
+HASH_PART_LEN = 32
+
+# The Nix 2.8 schema script (spec §2.3; upstream ``schema.sql``), run once
+# on a new database.  The comments inside statements end up in
+# ``sqlite_master`` exactly as with real Nix.
+_SCHEMA_SQL = """\
+create table if not exists ValidPaths (
+    id               integer primary key autoincrement not null,
+    path             text unique not null,
+    hash             text not null,
+    registrationTime integer not null,
+    deriver          text,
+    narSize          integer,
+    ultimate         integer, -- null implies "false"
+    sigs             text, -- space-separated
+    ca               text -- if not null, an assertion that the path is content-addressed; see ValidPathInfo
+);
+
+create table if not exists Refs (
+    referrer  integer not null,
+    reference integer not null,
+    primary key (referrer, reference),
+    foreign key (referrer) references ValidPaths(id) on delete cascade,
+    foreign key (reference) references ValidPaths(id) on delete restrict
+);
+
+create index if not exists IndexReferrer on Refs(referrer);
+create index if not exists IndexReference on Refs(reference);
+
+create trigger if not exists DeleteSelfRefs before delete on ValidPaths
+  begin
+    delete from Refs where referrer = old.id and reference = old.id;
+  end;
+
+create table if not exists DerivationOutputs (
+    drv  integer not null,
+    id   text not null, -- symbolic output id, usually "out"
+    path text not null,
+    primary key (drv, id),
+    foreign key (drv) references ValidPaths(id) on delete cascade
+);
+
+create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
+"""
+
+_INSERT_PATH = ("insert into ValidPaths (path, hash, registrationTime, deriver, narSize,"
+                " ultimate, sigs, ca) values (?, ?, ?, ?, ?, ?, ?, ?);")
+_UPDATE_PATH = ("update ValidPaths set narSize = ?, hash = ?, ultimate = ?, sigs = ?,"
+                " ca = ? where path = ?;")
+_ADD_REF = "insert or replace into Refs (referrer, reference) values (?, ?);"
+_ADD_DRV_OUTPUT = "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?);"
+_QUERY_INFO = ("select id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca"
+               " from ValidPaths where path = ?;")
+_QUERY_REFERENCES = "select path from Refs join ValidPaths on reference = id where referrer = ?;"
+_QUERY_REFERRERS = ("select path from Refs join ValidPaths on referrer = id"
+                    " where reference = (select id from ValidPaths where path = ?);")
+_QUERY_VALID_DERIVERS = ("select v.id, v.path from DerivationOutputs d join ValidPaths v"
+                         " on d.drv = v.id where d.path = ?;")
+_QUERY_DRV_OUTPUTS = "select id, path from DerivationOutputs where drv = ?;"
+_QUERY_FROM_HASH_PART = "select path from ValidPaths where path >= ? limit 1;"
+_QUERY_ALL = "select path from ValidPaths;"
+_QUERY_ID = "select id from ValidPaths where path = ?;"
+_INVALIDATE = "delete from ValidPaths where path = ?;"
+
+
+def _is_busy(e: sqlite3.Error) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is None:
+        return "locked" in str(e) or "busy" in str(e)
+    return code & 0xFF in (_SQLITE_BUSY, _SQLITE_PROTOCOL)
+
+
+def _retry_busy(fun: Callable[[], T]) -> T:
+    """Run ``fun`` until it does not fail with SQLITE_BUSY (Nix's retrySQLite)."""
+    while True:
+        try:
+            return fun()
+        except sqlite3.OperationalError as e:
+            if not _is_busy(e):
+                raise
+            log.warning("SQLite database is busy, retrying")
+            time.sleep(random.uniform(0.0, 0.1))
+
+
+def _show_paths(paths: Iterable[str]) -> str:
+    return ", ".join(f"'{p}'" for p in paths)
+
+
+class StoreDB:
+    """An open store database; holds the shared big-lock until ``close``.
+
+    Thread-safe (one connection, serialised by a lock).  All paths are full
+    logical store paths.
+    """
+
+    def __init__(self, layout: StoreLayout, conn: sqlite3.Connection, big_lock_fd: int):
+        self.layout = layout
+        self._conn: sqlite3.Connection | None = conn
+        self._big_lock_fd: int | None = big_lock_fd
+        self._mutex = threading.RLock()
+        self._txn_depth = 0
+
+    # -- opening --------------------------------------------------------------
+
+    @classmethod
+    def open(cls, layout: StoreLayout, *, ensure_layout: bool = True) -> "StoreDB":
+        """Open (creating if new) the database of ``layout`` (spec §2.2).
+
+        With ``ensure_layout`` the §1.2 directories and ``db/reserved`` are
+        created first, as Nix's ``LocalStore`` constructor does.
+
+        Raises:
+            StoreRefusal: the schema is newer than 10, too old, or corrupt.
+        """
+        if ensure_layout:
+            layout.ensure_directories(as_root=os.getuid() == 0)
+            layout.ensure_reserved()
+        else:
+            os.makedirs(layout.db_dir, mode=0o755, exist_ok=True)
+        fd = locks.open_lock_file(layout.big_lock_path, create=True)
+        assert fd is not None
+        try:
+            if not locks.flock(fd, exclusive=False, wait=False):
+                log.info("waiting for the big Nix store lock...")
+                locks.flock(fd, exclusive=False, wait=True)
+            conn = _open_checked(layout, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(layout, conn, fd)
+
+    def close(self) -> None:
+        """Close the connection and release the big-lock (idempotent)."""
+        with self._mutex:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            if self._big_lock_fd is not None:
+                os.close(self._big_lock_fd)
+                self._big_lock_fd = None
+
+    def __enter__(self) -> "StoreDB":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("store database is closed")
+        return self._conn
+
+    # -- transactions -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator["StoreDB"]:
+        """A write transaction; nested uses join the outermost one.
+
+        Uses ``begin immediate`` so that the write lock is taken up front
+        (waiting up to the busy timeout) and the body never hits
+        SQLITE_BUSY halfway.  Rolled back on any exception.
+        """
+        with self._mutex:
+            if self._txn_depth:
+                self._txn_depth += 1
+                try:
+                    yield self
+                finally:
+                    self._txn_depth -= 1
+                return
+            _retry_busy(lambda: self.conn.execute("begin immediate;"))
+            self._txn_depth = 1
+            try:
+                yield self
+            except BaseException:
+                self._txn_depth = 0
+                self.conn.execute("rollback;")
+                raise
+            self._txn_depth = 0
+            _retry_busy(lambda: self.conn.execute("commit;"))
+
+    def _write(self, fun: Callable[[], T]) -> T:
+        """Run ``fun`` in a transaction, retried as a whole on SQLITE_BUSY."""
+        with self._mutex:
+            if self._txn_depth:
+                return fun()
+
+            def attempt() -> T:
+                with self.transaction():
+                    return fun()
+            return _retry_busy(attempt)
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._mutex:
+            return _retry_busy(lambda: self.conn.execute(sql, args).fetchall())
+
+    # -- queries ----------------------------------------------------------------
+
+    def _path_id(self, path: str) -> int | None:
+        rows = self._read(_QUERY_ID, (path,))
+        return rows[0][0] if rows else None
+
+    def is_valid(self, path: str) -> bool:
+        """Whether ``path`` has a ValidPaths row (file existence not checked)."""
+        return self._path_id(path) is not None
+
+    def valid_subset(self, paths: Iterable[str]) -> set[str]:
+        """The members of ``paths`` that are valid."""
+        wanted = sorted(set(paths))
+        found: set[str] = set()
+        for i in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[i:i + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._read(f"select path from ValidPaths where path in ({marks});",
+                              tuple(chunk))
+            found.update(r[0] for r in rows)
+        return found
+
+    def query_path_info(self, path: str) -> PathInfo | None:
+        """The path's info, or None if it is not valid (spec §4.5)."""
+        with self._mutex:
+            rows = self._read(_QUERY_INFO, (path,))
+            if not rows:
+                return None
+            row_id, nar_hash, reg_time, deriver, nar_size, ultimate, sigs, ca = rows[0]
+            refs = self._read(_QUERY_REFERENCES, (row_id,))
+        return PathInfo(
+            path=path,
+            deriver=deriver or None,
+            nar_hash=nar_hash,
+            references=tuple(sorted(r[0] for r in refs)),
+            registration_time=reg_time or 0,
+            nar_size=nar_size or 0,
+            ultimate=ultimate == 1,
+            sigs=tuple(sorted(s for s in (sigs or "").split(" ") if s)),
+            ca=ca or None,
+        )
+
+    def query_references(self, path: str) -> list[str]:
+        """Sorted references of a valid path ([] if it is not valid)."""
+        path_id = self._path_id(path)
+        if path_id is None:
+            return []
+        return sorted(r[0] for r in self._read(_QUERY_REFERENCES, (path_id,)))
+
+    def query_referrers(self, path: str) -> list[str]:
+        """Sorted valid paths referring to ``path`` (including itself if so)."""
+        return sorted(r[0] for r in self._read(_QUERY_REFERRERS, (path,)))
+
+    def query_all_valid_paths(self) -> list[str]:
+        return sorted(r[0] for r in self._read(_QUERY_ALL))
+
+    def query_path_from_hash_part(self, hash_part: str,
+                                  store_dir: str | None = None) -> str | None:
+        """The valid path whose hash part is ``hash_part``, if any.
+
+        Raises:
+            ValueError: ``hash_part`` is not 32 characters long.
+        """
+        if len(hash_part) != HASH_PART_LEN:
+            raise ValueError("invalid hash part")
+        prefix = (store_dir or self.layout.store_dir) + "/" + hash_part
+        rows = self._read(_QUERY_FROM_HASH_PART, (prefix,))
+        if rows and rows[0][0].startswith(prefix):
+            return rows[0][0]
+        return None
+
+    def query_valid_derivers(self, path: str) -> list[str]:
+        """Valid ``.drv`` paths that list ``path`` among their outputs."""
+        return sorted({r[1] for r in self._read(_QUERY_VALID_DERIVERS, (path,))})
+
+    def query_derivation_outputs(self, drv_path: str) -> dict[str, str]:
+        """Output name -> output path from DerivationOutputs ({} if not valid)."""
+        with self._mutex:
+            drv_id = self._path_id(drv_path)
+            if drv_id is None:
+                return {}
+            return dict(self._read(_QUERY_DRV_OUTPUTS, (drv_id,)))
+
+    def query_deriver(self, path: str) -> str | None:
+        info = self.query_path_info(path)
+        return info.deriver if info else None
+
+    # -- registration -------------------------------------------------------------
+
+    def register_valid_paths(self, infos: list[PathInfo],
+                             derivation_outputs: dict[str, dict[str, str]] | None = None
+                             ) -> None:
+        """Register ``infos`` in one transaction (spec §4.3).
+
+        Existing rows are updated (keeping id, deriver, registrationTime, as
+        Nix's UpdatePathInfo does).  ``derivation_outputs`` maps a ``.drv``
+        path (valid or in the batch) to its statically known outputs.
+
+        Raises:
+            StoreRefusal: a reference is neither valid nor in the batch, or
+                the batch's references form a cycle; nothing is changed.
+        """
+        batch = {i.path: i for i in infos}
+        _check_acyclic(batch)
+
+        def run() -> None:
+            now = int(time.time())
+            for info in batch.values():
+                self._upsert(info, now)
+            for info in batch.values():
+                referrer = self._require_id(info.path)
+                for ref in info.references:
+                    self.conn.execute(_ADD_REF, (referrer, self._require_id(ref)))
+            for drv, outputs in (derivation_outputs or {}).items():
+                drv_id = self._require_id(drv)
+                for name, out in sorted(outputs.items()):
+                    self.conn.execute(_ADD_DRV_OUTPUT, (drv_id, name, out))
+        self._write(run)
+
+    def _upsert(self, info: PathInfo, now: int) -> None:
+        nar_size = info.nar_size or None
+        ultimate = 1 if info.ultimate else None
+        sigs = " ".join(info.sigs) or None
+        if self._path_id(info.path) is not None:
+            self.conn.execute(_UPDATE_PATH, (nar_size, info.nar_hash, ultimate, sigs,
+                                             info.ca, info.path))
+        else:
+            self.conn.execute(_INSERT_PATH, (
+                info.path, info.nar_hash, info.registration_time or now, info.deriver,
+                nar_size, ultimate, sigs, info.ca))
+
+    def _require_id(self, path: str) -> int:
+        path_id = self._path_id(path)
+        if path_id is None:
+            raise StoreRefusal(f"path '{path}' is not valid")
+        return path_id
+
+    def add_signatures(self, path: str, sigs: Iterable[str]) -> None:
+        """Add signatures to a valid path's ``sigs`` (kept sorted, unique).
+
+        Raises:
+            StoreRefusal: the path is not valid.
+        """
+        def run() -> None:
+            info = self.query_path_info(path)
+            if info is None:
+                raise StoreRefusal(f"path '{path}' is not valid")
+            merged = " ".join(sorted(set(info.sigs) | {s for s in sigs if s})) or None
+            self.conn.execute(_UPDATE_PATH, (info.nar_size or None, info.nar_hash,
+                                             1 if info.ultimate else None, merged,
+                                             info.ca, path))
+        self._write(run)
+
+    def invalidate_path(self, path: str) -> None:
+        """Remove ``path`` from the database (no-op if it is not valid).
+
+        Raises:
+            StoreRefusal: another valid path still refers to it.
+        """
+        def run() -> None:
+            if self._path_id(path) is None:
+                return
+            others = [p for p in self.query_referrers(path) if p != path]
+            if others:
+                raise StoreRefusal(f"cannot delete path '{path}' because it is in use by "
+                                   f"{_show_paths(others)}")
+            self.conn.execute(_INVALIDATE, (path,))
+        self._write(run)
+
+
+def _check_acyclic(batch: dict[str, PathInfo]) -> None:
+    """Refuse reference cycles within a batch (self-references allowed)."""
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+
+    def visit(path: str, parent: str) -> None:
+        mark = state.get(path)
+        if mark == 2:
+            return
+        if mark == 1:
+            raise StoreRefusal(f"cycle detected in the references of '{path}' from '{parent}'")
+        state[path] = 1
+        for ref in batch[path].references:
+            if ref != path and ref in batch:
+                visit(ref, path)
+        state[path] = 2
+
+    for path in sorted(batch):
+        visit(path, path)
+
+
+# -- opening helpers -----------------------------------------------------------
+
+
+def _read_schema(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("ascii", "replace")
+    except FileNotFoundError:
+        return 0
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise StoreRefusal(f"'{path}' is corrupt") from None
+
+
+def _write_schema(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        os.write(fd, str(NIX_SCHEMA_VERSION).encode())
+    finally:
+        os.close(fd)
+
+
+def _open_checked(layout: StoreLayout, big_lock_fd: int) -> sqlite3.Connection:
+    """Steps 2–6 of spec §2.2, with the shared big-lock already held."""
+    schema = _read_schema(layout.schema_path)
+    if schema > NIX_SCHEMA_VERSION:
+        raise StoreRefusal(f"current Nix store schema is version {schema}, "
+                           f"but I only support {NIX_SCHEMA_VERSION}")
+    if schema == 0:
+        conn = _connect(layout.db_path, create=True)
+        conn.executescript(_SCHEMA_SQL)
+        _write_schema(layout.schema_path)
+        return conn
+    if schema < NIX_SCHEMA_VERSION:
+        return _upgrade(layout, big_lock_fd, schema)
+    return _connect(layout.db_path, create=False)
+
+
+def _upgrade(layout: StoreLayout, big_lock_fd: int, schema: int) -> sqlite3.Connection:
+    """Upgrade schema 7–9 to 10 under the exclusive big-lock."""
+    if schema < 7:
+        raise StoreRefusal(f"Nix store schema version {schema} is too old; "
+                           "upgrade it with an older Nix first")
+    if not locks.flock(big_lock_fd, exclusive=True, wait=False):
+        log.info("waiting for exclusive access to the Nix store...")
+        locks.flock(big_lock_fd, exclusive=True, wait=True)
+    schema = _read_schema(layout.schema_path)  # someone may have done it
+    conn = _connect(layout.db_path, create=False)
+    steps = [(8, ["alter table ValidPaths add column ultimate integer",
+                  "alter table ValidPaths add column sigs text"]),
+             (9, ["drop table if exists FailedPaths"]),
+             (10, ["alter table ValidPaths add column ca text"])]
+    for version, statements in steps:
+        if schema < version:
+            conn.execute("begin;")
+            for sql in statements:
+                conn.execute(sql)
+            conn.execute("commit;")
+    _write_schema(layout.schema_path)
+    locks.flock(big_lock_fd, exclusive=False, wait=True)
+    return conn
+
+
+def _connect(db_path: str, create: bool) -> sqlite3.Connection:
+    """Open the database and apply the per-connection pragmas of spec §2.1."""
+    if not os.access(os.path.dirname(db_path), os.R_OK | os.W_OK):
+        raise StoreRefusal(f"Nix database directory '{os.path.dirname(db_path)}' "
+                           "is not writable")
+    mode = "rwc" if create else "rw"
+    uri = f"file:{urllib.parse.quote(db_path)}?mode={mode}"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_SECONDS,
+                               isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise StoreRefusal(f"cannot open SQLite database '{db_path}': {e}") from None
+    try:
+        _retry_busy(lambda: _apply_pragmas(conn))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _apply_pragmas(conn: sqlite3.Connection) -> None:
+    conn.execute(f"pragma busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)};")
+    conn.execute("pragma foreign_keys = 1;")
+    conn.execute("pragma synchronous = normal;")
+    (mode,) = conn.execute("pragma main.journal_mode;").fetchone()
+    if mode.lower() != "wal":
+        conn.execute("pragma main.journal_mode = wal;")
+    conn.execute("pragma wal_autocheckpoint = 40000;")
