@@ -1,0 +1,85 @@
+"""``nixwarden``: the command-line entry point.
+
+``nixwarden daemon [option…]`` runs the daemon in the foreground, exactly
+as ``nix daemon`` takes its options (``cli.py``).  Start-up: settings,
+store locations, the store's directories and database, then socket or
+``--stdio`` mode (``daemon.py``).  Process: supervisor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import subprocess
+import sys
+
+from nixwarden.supervisor import cli, listener, logs
+from nixwarden.supervisor.daemon import Daemon
+from nixwarden.supervisor.locations import resolve_locations
+from nixwarden.supervisor.store.db import StoreDB
+from nixwarden.supervisor.store.layout import StoreLayout
+
+log = logging.getLogger("nixwarden")
+
+
+def ensure_worker_user(name: str) -> None:
+    """Create the unprivileged worker account if it is missing (root only)."""
+    try:
+        pwd.getpwnam(name)
+        return
+    except KeyError:
+        pass
+    log.info("creating the system account '%s' for protocol workers", name)
+    subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+                    "--shell", "/usr/sbin/nologin", "--user-group", name], check=True)
+
+
+def prepare_store(locations) -> StoreLayout:
+    layout = StoreLayout(locations.store_dir, locations.real_store_dir,
+                         locations.state_dir, locations.log_dir)
+    layout.ensure_directories(as_root=os.geteuid() == 0)
+    StoreDB.open(layout).close()
+    return layout
+
+
+def run_daemon(opts) -> int:
+    level = logs.setup(opts.verbosity, opts.log_format, os.environ)
+    for line in opts.warnings:
+        log.warning("%s", line)
+    locations = resolve_locations(opts.settings, os.environ, os.geteuid())
+    layout = prepare_store(locations)
+    worker_user = opts.settings.worker_user
+    if os.geteuid() == 0:
+        ensure_worker_user(worker_user)
+    daemon = Daemon(opts, locations, layout, worker_user, level)
+    if opts.stdio:
+        return daemon.serve_stdio()
+    sockets = listener.activated_sockets(os.environ)
+    bound = None
+    if sockets is None:
+        bound = locations.socket_path
+        sockets = [listener.bind_socket(bound)]
+        log.info("nixwarden listening on %s", bound)
+        if locations.client_hint:
+            log.warning("clients connect with: %s", locations.client_hint)
+    return daemon.serve_socket(sockets, bound)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts = cli.parse_command(argv, os.environ)
+    except cli.Exit as done:
+        return done.code
+    try:
+        return run_daemon(opts)
+    except listener.ActivationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""One function per RPC request: check it, then run it on the store.
+
+Each handler gets the session and a decoded request and returns a reply
+from ``shared.rpc.schema``.  Every store path is re-parsed against the
+session's store directory (``Session.store_path``); identity and trust
+come from the session, never from the request.  Process: session.
+
+Trust: requests come from an unprivileged worker that may be hostile;
+their fields are claims, checked here before any store access.
+"""
+
+from __future__ import annotations
+
+from nixwarden.shared.errors import StoreRefusal, WorkerViolation
+from nixwarden.shared.rpc import schema
+from nixwarden.shared.storepath import StorePath
+
+
+def _hex_hash(db_hash: str) -> str:
+    """The DB's ``sha256:<hex>`` (or any prefixed form) as bare hex."""
+    from nixwarden.shared.hashes import Hash
+    return Hash.parse(db_hash).to_base16()
+
+
+def _path_info_msg(info) -> schema.PathInfo:
+    return schema.PathInfo(
+        path=info.path, deriver=info.deriver, nar_hash_hex=_hex_hash(info.nar_hash),
+        references=list(info.references), registration_time=info.registration_time,
+        nar_size=info.nar_size, ultimate=info.ultimate, sigs=list(info.sigs),
+        ca=info.ca)
+
+
+def _paths(session, texts) -> list[str]:
+    return [session.full(session.store_path(t)) for t in texts]
+
+
+def on_set_options(session, req: schema.SetOptions):
+    session.settings, warnings = session.settings.with_overrides(
+        req.overrides, trusted=session.identity.trusted)
+    return schema.Warnings(list(warnings))
+
+
+def on_is_valid_path(session, req: schema.IsValidPath):
+    return schema.Bool(session.db.is_valid(_paths(session, [req.path])[0]))
+
+
+def on_query_valid_paths(session, req: schema.QueryValidPaths):
+    return schema.Paths(sorted(session.db.valid_subset(_paths(session, req.paths))))
+
+
+def on_query_path_info(session, req: schema.QueryPathInfo):
+    info = session.db.query_path_info(_paths(session, [req.path])[0])
+    return schema.MaybePathInfo(None if info is None else _path_info_msg(info))
+
+
+def on_query_referrers(session, req: schema.QueryReferrers):
+    return schema.Paths(session.db.query_referrers(_paths(session, [req.path])[0]))
+
+
+def on_query_path_from_hash_part(session, req: schema.QueryPathFromHashPart):
+    text = req.hash_part
+    if len(text) != 32:
+        return schema.OptPath(None)
+    try:
+        StorePath(text, "x")
+    except ValueError:
+        return schema.OptPath(None)
+    return schema.OptPath(session.db.query_path_from_hash_part(text, session.layout.store_dir))
+
+
+def on_query_all_valid_paths(session, req: schema.QueryAllValidPaths):
+    return schema.Paths(session.db.query_all_valid_paths())
+
+
+def on_query_deriver(session, req: schema.QueryDeriver):
+    path = _paths(session, [req.path])[0]
+    if not session.db.is_valid(path):
+        raise StoreRefusal(f"path '{path}' is not valid")
+    return schema.OptPath(session.db.query_deriver(path))
+
+
+def on_query_valid_derivers(session, req: schema.QueryValidDerivers):
+    return schema.Paths(session.db.query_valid_derivers(_paths(session, [req.path])[0]))
+
+
+def on_query_derivation_output_map(session, req: schema.QueryDerivationOutputMap):
+    drv = session.store_path(req.drv_path)
+    if not drv.is_derivation:
+        raise StoreRefusal(f"path '{req.drv_path}' is not a derivation")
+    full = session.full(drv)
+    if not session.db.is_valid(full):
+        raise StoreRefusal(f"path '{full}' is not valid")
+    outputs = session.db.query_derivation_outputs(full)
+    return schema.OutputMap(sorted(outputs.items()))
+
+
+def on_query_substitutable_paths(session, req: schema.QuerySubstitutablePaths):
+    _paths(session, req.paths)
+    return schema.Paths([])  # no substituters yet
+
+
+def on_query_substitutable_path_infos(session, req: schema.QuerySubstitutablePathInfos):
+    _paths(session, [p for p, _ in req.paths])
+    return schema.SubstitutableInfos([])  # no substituters yet
+
+
+def on_query_missing(session, req: schema.QueryMissing):
+    will_build, unknown = set(), set()
+    for target in req.targets:
+        path_text, bang, outputs = target.partition("!")
+        path = _paths(session, [path_text])[0]
+        if not bang:
+            if not session.db.is_valid(path):
+                unknown.add(path)
+            continue
+        if not session.store_path(path_text).is_derivation:
+            raise WorkerViolation(f"derived path '{target}' names no derivation")
+        if not session.db.is_valid(path):
+            unknown.add(path)
+        elif _missing_outputs(session, path, outputs):
+            will_build.add(path)
+    return schema.Missing(sorted(will_build), [], sorted(unknown), 0, 0)
+
+
+def _missing_outputs(session, drv: str, outputs: str) -> bool:
+    known = session.db.query_derivation_outputs(drv)
+    wanted = known.keys() if outputs == "*" else outputs.split(",")
+    return any(name not in known or not session.db.is_valid(known[name])
+               for name in wanted)
+
+
+def on_add_temp_root(session, req: schema.AddTempRoot):
+    session.temp_roots.add(_paths(session, [req.path])[0])
+    return schema.Ok()
+
+
+def on_query_realisation(session, req: schema.QueryRealisation):
+    return schema.Strings([])  # no content-addressed derivations yet
+
+
+def on_check_nar_readable(session, req: schema.CheckNarReadable):
+    path = _paths(session, [req.path])[0]
+    if not session.db.is_valid(path):
+        raise StoreRefusal(f"path '{path}' is not valid")
+    session.temp_roots.add(path)
+    return schema.Ok()

@@ -1,0 +1,67 @@
+"""A session's frame loop: read a request, check it, run it, answer.
+
+Fails closed (STYLE.md 1.5): a malformed frame, an unknown type or a
+request outside the rules is a ``WorkerViolation``: one log line (pid,
+uid, type, reason), the session ends, its temporary roots go with it, and
+the worker loses its channel and closes the client.  A ``StoreRefusal``
+is a legitimate answer and the session continues.  Process: session.
+
+Trust: every frame comes from an unprivileged worker and is decoded
+strictly by ``shared.rpc.codec``; nothing is unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from nixwarden.shared.errors import StoreRefusal, WorkerViolation
+from nixwarden.shared.rpc import codec, schema
+from nixwarden.shared.rpc.channel import Channel, ChannelClosed
+from nixwarden.supervisor.session.rules import RULES
+
+log = logging.getLogger("nixwarden.session")
+
+
+def dispatch(session, request):
+    """Run one request through the rules table and return the reply."""
+    rule = RULES.get(type(request))
+    if rule is None:
+        raise WorkerViolation(f"no rule for {type(request).__name__}")
+    if rule.trusted_only and not session.identity.trusted:
+        return schema.Failure(rule.refusal, 1)
+    try:
+        return rule.handler(session, request)
+    except StoreRefusal as exc:
+        return schema.Failure(exc.message, exc.exit_status)
+
+
+def serve(session, channel: Channel) -> int:
+    """Serve the worker until it closes its channel; return an exit code."""
+    while True:
+        request = None
+        try:
+            payload = channel.recv_frame()
+        except ChannelClosed:
+            return 0
+        except (WorkerViolation, OSError) as exc:
+            _violation(session, "frame", exc)
+            return 2
+        try:
+            request = codec.decode_request(payload)
+            reply = dispatch(session, request)
+        except WorkerViolation as exc:
+            name = type(request).__name__ if request is not None else "frame"
+            _violation(session, name, exc)
+            return 2
+        session.requests += 1
+        try:
+            channel.send(reply)
+        except OSError:
+            return 0
+
+
+def _violation(session, what: str, exc: Exception) -> None:
+    ident = session.identity
+    log.error("worker violation: session pid=%d uid=%s request=%s: %s",
+              os.getpid(), ident.uid, what, exc)

@@ -1,0 +1,60 @@
+"""Start-up of a session process, from its fork to the end of its connection.
+
+A pooled session opens the store database first (no per-client state yet),
+then waits for the supervisor's assignment: the connection's identity and
+its end of the RPC channel.  It then serves that one connection and exits;
+its temporary GC roots end with it.  Process: session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+from nixwarden.shared.rpc.channel import Channel
+from nixwarden.supervisor import spawner
+from nixwarden.supervisor.session import loop
+from nixwarden.supervisor.session.state import Session
+from nixwarden.supervisor.store.db import StoreDB
+from nixwarden.supervisor.store.locks import TempRoots
+
+log = logging.getLogger("nixwarden.session")
+
+
+def _close_inherited(keep: set[int]) -> None:
+    """Drop the supervisor's descriptors (listeners, zygote control, clients)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def session_main(ctl: socket.socket, layout, settings) -> None:
+    """Body of a pooled session process (the target of its fork)."""
+    _close_inherited({ctl.fileno()})
+    spawner.title("session (ready)")
+    db = StoreDB.open(layout, ensure_layout=False)
+    got = spawner.receive_assignment(ctl)
+    ctl.close()
+    if got is None:
+        db.close()
+        sys.exit(0)
+    identity, rpc_fd = got
+    spawner.title(f"session uid={identity.uid}")
+    roots = TempRoots(layout)
+    session = Session(identity, settings, layout, db, roots)
+    try:
+        code = loop.serve(session, Channel(socket.socket(fileno=rpc_fd)))
+    finally:
+        roots.close()
+        db.close()
+    log.debug("session for pid %s ended after %d requests", identity.pid, session.requests)
+    sys.exit(code)

@@ -1,0 +1,41 @@
+"""What each connection may ask, as a table (STYLE.md 1.3).
+
+Dispatch is a lookup: a request type without a rule is a violation; a
+rule marked ``trusted_only`` refuses untrusted sessions with Nix's text.
+Adding a row is a security change.  Process: session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from nixwarden.shared.rpc import schema
+from nixwarden.supervisor.session import handlers as h
+
+
+@dataclass(frozen=True)
+class Rule:
+    handler: Callable
+    trusted_only: bool = False
+    refusal: str = ""
+
+
+RULES: dict[type, Rule] = {
+    schema.SetOptions: Rule(h.on_set_options),
+    schema.IsValidPath: Rule(h.on_is_valid_path),
+    schema.QueryValidPaths: Rule(h.on_query_valid_paths),
+    schema.QueryPathInfo: Rule(h.on_query_path_info),
+    schema.QueryReferrers: Rule(h.on_query_referrers),
+    schema.QueryPathFromHashPart: Rule(h.on_query_path_from_hash_part),
+    schema.QueryAllValidPaths: Rule(h.on_query_all_valid_paths),
+    schema.QueryDeriver: Rule(h.on_query_deriver),
+    schema.QueryValidDerivers: Rule(h.on_query_valid_derivers),
+    schema.QueryDerivationOutputMap: Rule(h.on_query_derivation_output_map),
+    schema.QuerySubstitutablePaths: Rule(h.on_query_substitutable_paths),
+    schema.QuerySubstitutablePathInfos: Rule(h.on_query_substitutable_path_infos),
+    schema.QueryMissing: Rule(h.on_query_missing),
+    schema.AddTempRoot: Rule(h.on_add_temp_root),
+    schema.QueryRealisation: Rule(h.on_query_realisation),
+    schema.CheckNarReadable: Rule(h.on_check_nar_readable),
+}

@@ -1,0 +1,45 @@
+"""The state one session holds for its connection.
+
+Identity and trust are fixed when the session is assigned and never
+change; settings start as the daemon's and change only through SetOptions
+(filtered by trust).  Process: session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nixwarden.shared.errors import WorkerViolation
+from nixwarden.shared.storepath import BadStorePath, StoreDir, StorePath
+from nixwarden.supervisor.store.db import StoreDB
+from nixwarden.supervisor.store.layout import StoreLayout
+from nixwarden.supervisor.store.locks import TempRoots
+from nixwarden.supervisor.trust import Identity
+
+
+@dataclass
+class Session:
+    identity: Identity
+    settings: object  # supervisor.config.Settings
+    layout: StoreLayout
+    db: StoreDB
+    temp_roots: TempRoots
+    store_dir: StoreDir = field(init=False)
+    requests: int = 0
+
+    def __post_init__(self) -> None:
+        self.store_dir = StoreDir(self.layout.store_dir)
+
+    def store_path(self, text: str) -> StorePath:
+        """Parse a store path the worker sent; a bad one is a violation.
+
+        The worker validates paths before it asks, so a path that fails
+        here means the worker is not the code we shipped.
+        """
+        try:
+            return self.store_dir.parse(text)
+        except BadStorePath as exc:
+            raise WorkerViolation(f"bad store path from worker: {exc}") from None
+
+    def full(self, sp: StorePath) -> str:
+        return self.store_dir.print(sp)

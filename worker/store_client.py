@@ -1,0 +1,85 @@
+"""``StoreAPI`` over the RPC channel to this connection's session.
+
+Each call sends one request and reads frames until its reply; in-band
+``LogLine`` frames before the reply are passed to the client's logger.  A
+``Failure`` reply becomes ``StoreRefusal``.  A reply of the wrong type is
+a broken session and ends the worker.  Process: worker.
+"""
+
+from __future__ import annotations
+
+from nixwarden.shared.errors import StoreRefusal, WorkerViolation
+from nixwarden.shared.rpc import codec, schema
+from nixwarden.shared.rpc.channel import Channel
+
+
+class StoreClient:
+    """Synchronous RPC client: one request in flight at a time."""
+
+    def __init__(self, channel: Channel, logger=None):
+        self.channel = channel
+        self.logger = logger
+
+    def _call(self, request, expect: type):
+        self.channel.send(request)
+        while True:
+            reply = codec.decode_reply(self.channel.recv_frame())
+            if isinstance(reply, schema.LogLine):
+                if self.logger is not None:
+                    self.logger.log(reply.level, reply.text)
+                continue
+            if isinstance(reply, schema.Failure):
+                raise StoreRefusal(reply.message, reply.exit_status)
+            if not isinstance(reply, expect):
+                raise WorkerViolation(
+                    f"session answered {type(reply).__name__} to {type(request).__name__}")
+            return reply
+
+    def set_options(self, req: schema.SetOptions) -> list[str]:
+        return self._call(req, schema.Warnings).lines
+
+    def is_valid_path(self, path: str) -> bool:
+        return self._call(schema.IsValidPath(path), schema.Bool).value
+
+    def query_valid_paths(self, paths: list[str], substitute: bool) -> list[str]:
+        return self._call(schema.QueryValidPaths(paths, substitute), schema.Paths).paths
+
+    def query_path_info(self, path: str) -> schema.PathInfo | None:
+        return self._call(schema.QueryPathInfo(path), schema.MaybePathInfo).info
+
+    def query_referrers(self, path: str) -> list[str]:
+        return self._call(schema.QueryReferrers(path), schema.Paths).paths
+
+    def query_path_from_hash_part(self, hash_part: str) -> str | None:
+        return self._call(schema.QueryPathFromHashPart(hash_part), schema.OptPath).path
+
+    def query_all_valid_paths(self) -> list[str]:
+        return self._call(schema.QueryAllValidPaths(), schema.Paths).paths
+
+    def query_deriver(self, path: str) -> str | None:
+        return self._call(schema.QueryDeriver(path), schema.OptPath).path
+
+    def query_valid_derivers(self, path: str) -> list[str]:
+        return self._call(schema.QueryValidDerivers(path), schema.Paths).paths
+
+    def query_derivation_output_map(self, drv_path: str) -> list[tuple[str, str | None]]:
+        return self._call(schema.QueryDerivationOutputMap(drv_path), schema.OutputMap).outputs
+
+    def query_substitutable_paths(self, paths: list[str]) -> list[str]:
+        return self._call(schema.QuerySubstitutablePaths(paths), schema.Paths).paths
+
+    def query_substitutable_path_infos(self, paths: list[tuple[str, str]]) -> list[tuple]:
+        req = schema.QuerySubstitutablePathInfos(paths)
+        return self._call(req, schema.SubstitutableInfos).infos
+
+    def query_missing(self, targets: list[str]) -> schema.Missing:
+        return self._call(schema.QueryMissing(targets), schema.Missing)
+
+    def add_temp_root(self, path: str) -> None:
+        self._call(schema.AddTempRoot(path), schema.Ok)
+
+    def query_realisation(self, output_id: str) -> list[str]:
+        return self._call(schema.QueryRealisation(output_id), schema.Strings).items
+
+    def check_nar_readable(self, path: str) -> None:
+        self._call(schema.CheckNarReadable(path), schema.Ok)
