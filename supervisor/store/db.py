@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.supervisor.store import locks
 from nixwarden.supervisor.store.layout import StoreLayout
-from nixwarden.supervisor.store.pathinfo import PathInfo
+from nixwarden.supervisor.store.pathinfo import PathInfo, check_acyclic
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +223,13 @@ class StoreDB:
             self._txn_depth = 1
             try:
                 yield self
+                self.conn.execute("commit;")
             except BaseException:
-                self._txn_depth = 0
-                self.conn.execute("rollback;")
+                if self.conn.in_transaction:
+                    self.conn.execute("rollback;")
                 raise
-            self._txn_depth = 0
-            _retry_busy(lambda: self.conn.execute("commit;"))
+            finally:
+                self._txn_depth = 0
 
     def _write(self, fun: Callable[[], T]) -> T:
         """Run ``fun`` in a transaction, retried as a whole on SQLITE_BUSY."""
@@ -348,7 +349,7 @@ class StoreDB:
                 the batch's references form a cycle; nothing is changed.
         """
         batch = {i.path: i for i in infos}
-        _check_acyclic(batch)
+        check_acyclic(batch)
 
         def run() -> None:
             now = int(time.time())
@@ -415,59 +416,22 @@ class StoreDB:
         self._write(run)
 
 
-def _check_acyclic(batch: dict[str, PathInfo]) -> None:
-    """Refuse reference cycles within a batch (self-references allowed)."""
-    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
-
-    def visit(path: str, parent: str) -> None:
-        mark = state.get(path)
-        if mark == 2:
-            return
-        if mark == 1:
-            raise StoreRefusal(f"cycle detected in the references of '{path}' from '{parent}'")
-        state[path] = 1
-        for ref in batch[path].references:
-            if ref != path and ref in batch:
-                visit(ref, path)
-        state[path] = 2
-
-    for path in sorted(batch):
-        visit(path, path)
-
-
 # -- opening helpers -----------------------------------------------------------
-
-
-def _read_schema(path: str) -> int:
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("ascii", "replace")
-    except FileNotFoundError:
-        return 0
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise StoreRefusal(f"'{path}' is corrupt") from None
-
-
-def _write_schema(path: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-    try:
-        os.write(fd, str(NIX_SCHEMA_VERSION).encode())
-    finally:
-        os.close(fd)
 
 
 def _open_checked(layout: StoreLayout, big_lock_fd: int) -> sqlite3.Connection:
     """Steps 2–6 of spec §2.2, with the shared big-lock already held."""
-    schema = _read_schema(layout.schema_path)
+    try:
+        schema = layout.read_schema_version()
+    except ValueError as e:
+        raise StoreRefusal(str(e)) from None
     if schema > NIX_SCHEMA_VERSION:
         raise StoreRefusal(f"current Nix store schema is version {schema}, "
                            f"but I only support {NIX_SCHEMA_VERSION}")
     if schema == 0:
         conn = _connect(layout.db_path, create=True)
         conn.executescript(_SCHEMA_SQL)
-        _write_schema(layout.schema_path)
+        layout.write_schema_version(NIX_SCHEMA_VERSION)
         return conn
     if schema < NIX_SCHEMA_VERSION:
         return _upgrade(layout, big_lock_fd, schema)
@@ -482,7 +446,7 @@ def _upgrade(layout: StoreLayout, big_lock_fd: int, schema: int) -> sqlite3.Conn
     if not locks.flock(big_lock_fd, exclusive=True, wait=False):
         log.info("waiting for exclusive access to the Nix store...")
         locks.flock(big_lock_fd, exclusive=True, wait=True)
-    schema = _read_schema(layout.schema_path)  # someone may have done it
+    schema = layout.read_schema_version()  # someone may have done it
     conn = _connect(layout.db_path, create=False)
     steps = [(8, ["alter table ValidPaths add column ultimate integer",
                   "alter table ValidPaths add column sigs text"]),
@@ -494,7 +458,7 @@ def _upgrade(layout: StoreLayout, big_lock_fd: int, schema: int) -> sqlite3.Conn
             for sql in statements:
                 conn.execute(sql)
             conn.execute("commit;")
-    _write_schema(layout.schema_path)
+    layout.write_schema_version(NIX_SCHEMA_VERSION)
     locks.flock(big_lock_fd, exclusive=False, wait=True)
     return conn
 

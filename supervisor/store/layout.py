@@ -154,6 +154,31 @@ class StoreLayout:
             if os.getuid() == 0:
                 os.chown(path, uid, os.getgid())
 
+    def read_schema_version(self) -> int:
+        """The legacy schema version in ``db/schema`` (0 if missing).
+
+        Raises:
+            ValueError: the file does not hold an integer ("is corrupt").
+        """
+        try:
+            with open(self.schema_path, "rb") as f:
+                text = f.read().decode("ascii", "replace")
+        except FileNotFoundError:
+            return 0
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise ValueError(f"'{self.schema_path}' is corrupt") from None
+
+    def write_schema_version(self, version: int) -> None:
+        """Write ``db/schema`` as Nix does: decimal, no newline, 0666 & ~umask."""
+        fd = os.open(self.schema_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                     0o666)
+        try:
+            os.write(fd, str(version).encode())
+        finally:
+            os.close(fd)
+
     def ensure_reserved(self, size: int = DEFAULT_RESERVED_SIZE) -> None:
         """(Re)create ``db/reserved`` (deleted by every GC); errors ignored."""
         try:

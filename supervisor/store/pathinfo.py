@@ -8,12 +8,15 @@ Runs in the supervisor process.
 Trust: a ``PathInfo`` read from the database is the store's own record.  A
 ``PathInfo`` built from a worker's request is a claim (DESIGN.md §2.5): its
 hash, size and references must be checked against the content before it is
-registered; this module checks only its shape.
+registered; this module checks only its shape and, for a batch, the
+absence of reference cycles.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from nixwarden.shared.errors import StoreRefusal
 
 
 @dataclass(frozen=True)
@@ -51,3 +54,33 @@ class PathInfo:
             raise ValueError("negative narSize or registrationTime")
         if ":" not in self.nar_hash:
             raise ValueError(f"NAR hash '{self.nar_hash}' lacks an algorithm prefix")
+
+
+def check_acyclic(batch: dict[str, PathInfo]) -> None:
+    """Refuse reference cycles within a batch of infos keyed by path.
+
+    Self-references and references outside the batch are ignored, as in
+    Nix's topological sort in ``registerValidPaths`` (spec §4.3).
+
+    Raises:
+        StoreRefusal: "cycle detected in the references of '<p>' from '<q>'".
+    """
+    done: set[str] = set()
+    for start in sorted(batch):
+        if start in done:
+            continue
+        on_stack = {start}
+        stack = [(start, iter(batch[start].references))]
+        while stack:
+            path, refs = stack[-1]
+            ref = next(refs, None)
+            if ref is None:
+                stack.pop()
+                on_stack.discard(path)
+                done.add(path)
+            elif ref != path and ref in batch and ref not in done:
+                if ref in on_stack:
+                    raise StoreRefusal(
+                        f"cycle detected in the references of '{ref}' from '{path}'")
+                on_stack.add(ref)
+                stack.append((ref, iter(batch[ref].references)))

@@ -349,3 +349,14 @@ def test_temp_roots_file(layout):
     roots.close()
     assert not os.path.exists(mine)
     assert read_temp_roots(layout) == {}
+
+
+def test_long_reference_chain_in_one_batch(layout, db):
+    paths = [sp(layout, f"c{i}") for i in range(3000)]
+    infos = [info(p, refs=[paths[i + 1]] if i + 1 < len(paths) else []) for i, p in enumerate(paths)]
+    db.register_valid_paths(list(reversed(infos)))
+    assert db.query_referrers(paths[-1]) == [paths[-2]]
+    loop = [sp(layout, n) for n in ("x", "y", "z")]
+    with pytest.raises(StoreRefusal, match="cycle detected"):
+        db.register_valid_paths([info(loop[0], refs=[loop[1]]), info(loop[1], refs=[loop[2]]),
+                                 info(loop[2], refs=[loop[0], loop[2]])])
