@@ -42,6 +42,11 @@ MAX_NAR_DEPTH = 256
 #: Longest NAR keyword token ("nix-archive-1", "executable", ...).
 MAX_NAR_TOKEN = 32
 
+#: Bytes read from a file at once when dumping it into a NAR: big enough to
+#: keep per-chunk overhead low, small enough that a dump never holds much
+#: of a file in memory.
+NAR_DUMP_CHUNK = 256 * 1024
+
 # --- internal RPC (worker <-> session) ----------------------------------------
 
 #: Largest RPC frame payload.  Bulk data travels as Chunk frames well below

@@ -103,6 +103,7 @@ def test_parse_rejects_sub_paths():
 def test_parse_canonicalises_like_nix():
     assert SD.parse("/nix//store/./" + H32 + "-hello.txt/") == SD.parse(HELLO_PATH)
     assert SD.parse("/nix/store/../store/" + H32 + "-hello.txt").name == "hello.txt"
+    assert SD.parse("/../nix/store/" + H32 + "-hello.txt").name == "hello.txt"
 
 
 def test_to_store_path():
