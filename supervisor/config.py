@@ -57,10 +57,11 @@ class ConfigError(Exception):
     ``Try '<prog> --help' for more information.`` line after the message.
     """
 
-    def __init__(self, message: str, *, usage: bool = True):
+    def __init__(self, message: str, *, usage: bool = True, origin: str = ""):
         super().__init__(message)
         self.message = message
         self.usage = usage
+        self.origin = origin
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +298,7 @@ def build_parser(environ: Mapping[str, str], read_file: ReadFile = read_text_fil
     """
     sources = config_sources(environ)
     parser = NixArgumentParser(
-        prog=prog, add_help=False, allow_abbrev=False,
+        prog=prog, add_help=False, allow_abbrev=False, exit_on_error=False,
         config_file_parser_class=NixConfFileParser(read_file),
         default_config_files=[_opener(s, i, read_file) for i, s in enumerate(sources)],
         add_config_file_help=False, add_env_var_help=False)
@@ -441,7 +442,7 @@ def settings_from_assignments(
             more = apply_one(values, item.name, item.value)
         except InvalidValue as e:
             if item.strict:
-                raise ConfigError(str(e)) from None
+                raise ConfigError(str(e), origin=item.origin) from None
             warnings.append(f"error: {e}")
             continue
         if more is None:
