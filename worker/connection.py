@@ -63,16 +63,17 @@ class ClientConnection:
         self._out += data
 
     def flush(self) -> None:
-        view = memoryview(self._out)
-        while view:
-            n = os.write(self.write_fd, view)
-            view = view[n:]
-        self._out.clear()
+        if self._out:
+            data, self._out = self._out, bytearray()
+            self._write_all(data)
 
     def write_now(self, data: bytes) -> None:
         """Write ``data`` after whatever is buffered, without copying it."""
         self.flush()
-        view = memoryview(data)
-        while view:
-            n = os.write(self.write_fd, view)
-            view = view[n:]
+        self._write_all(data)
+
+    def _write_all(self, data) -> None:
+        with memoryview(data) as view:
+            while view:
+                n = os.write(self.write_fd, view)
+                view = view[n:]

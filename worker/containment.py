@@ -85,6 +85,8 @@ def drop_to(user: str) -> None:
 
 def contain_zygote(user: str) -> None:
     """Apply the process-wide layers; called before any worker is forked."""
+    from nixwarden.worker import seccomp
+    seccomp.preload()
     if os.geteuid() == 0:
         unshare_namespaces()
         drop_to(user)
@@ -108,9 +110,12 @@ def close_other_fds(keep: set[int]) -> None:
 
 
 def set_rlimits() -> None:
-    """No new processes, no file writes, no core dumps, bounded memory and fds."""
-    for res, value in ((resource.RLIMIT_NPROC, 0), (resource.RLIMIT_FSIZE, 0),
-                       (resource.RLIMIT_CORE, 0),
+    """No new processes, no core dumps, bounded memory and descriptors.
+
+    (No RLIMIT_FSIZE: stderr may be a log file; writes are refused by the
+    seccomp filter's open rules and by the worker's uid instead.)
+    """
+    for res, value in ((resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0),
                        (resource.RLIMIT_NOFILE, limits.WORKER_RLIMIT_NOFILE),
                        (resource.RLIMIT_AS, limits.WORKER_RLIMIT_AS)):
         soft, hard = resource.getrlimit(res)
@@ -124,6 +129,8 @@ def contain_worker(keep: set[int], *, quiet: bool = True) -> None:
     set_rlimits()
     from nixwarden.worker import seccomp
     active, detail = seccomp.install()
+    if not active:
+        log.warning("seccomp filter inactive: %s", detail)
     if not quiet:
         _layer("rlimits", True)
         _layer("seccomp", active, detail)

@@ -37,10 +37,24 @@ def _errno_action(code: int) -> int:
     return 0x00050000 | (code & 0xFFFF)
 
 
+_lib = None
+
+
+def preload() -> None:
+    """Find and load libseccomp now, in the zygote, while searching is possible.
+
+    ``find_library`` runs helper programs and writes temporary files,
+    which a contained worker can no longer do.
+    """
+    global _lib
+    if _lib is None:
+        _lib = _load()
+
+
 def _load():
     name = ctypes.util.find_library("seccomp")
     if not name:
-        return None
+        return False
     lib = ctypes.CDLL(name)
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
@@ -74,9 +88,9 @@ def _open_rules(lib, ctx) -> None:
 
 def install() -> tuple[bool, str]:
     """Load the filter into this process; return (active, detail)."""
-    lib = _load()
-    if lib is None:
-        return False, "libseccomp not installed"
+    lib = _lib
+    if not lib:
+        return False, "libseccomp not installed" if lib is False else "libseccomp not loaded"
     ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
     if not ctx:
         return False, "seccomp_init failed"

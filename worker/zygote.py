@@ -50,6 +50,8 @@ class Zygote:
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 code = self.worker_main(child_end)
+            except BaseException:  # a worker must never return into the zygote's loop
+                log.exception("worker failed")
             finally:
                 os._exit(code)
         child_end.close()
