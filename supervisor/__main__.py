@@ -16,7 +16,8 @@ import sys
 
 from nixwarden.supervisor import cli, listener, logs
 from nixwarden.supervisor.daemon import Daemon
-from nixwarden.supervisor.locations import resolve_locations
+from nixwarden.shared.errors import StoreRefusal
+from nixwarden.supervisor.locations import LocationError, resolve_locations
 from nixwarden.supervisor.store.db import StoreDB
 from nixwarden.supervisor.store.layout import StoreLayout
 
@@ -47,7 +48,7 @@ def run_daemon(opts) -> int:
     level = logs.setup(opts.verbosity, opts.log_format, os.environ)
     for line in opts.warnings:
         log.warning("%s", line)
-    locations = resolve_locations(opts.settings, os.environ, os.geteuid())
+    locations = resolve_locations(opts.settings, os.environ, os.geteuid(), stdio=opts.stdio)
     layout = prepare_store(locations)
     worker_user = opts.settings.worker_user
     if os.geteuid() == 0:
@@ -69,12 +70,12 @@ def run_daemon(opts) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        opts = cli.parse_command(argv, os.environ)
-    except cli.Exit as done:
-        return done.code
+        opts = cli.parse_daemon_args(argv, os.environ)
+    except cli.CliExit as done:
+        return done.emit(sys.stdout, sys.stderr)
     try:
         return run_daemon(opts)
-    except listener.ActivationError as exc:
+    except (listener.ActivationError, LocationError, StoreRefusal) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
