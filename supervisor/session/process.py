@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -37,8 +38,21 @@ def _close_inherited(keep: set[int]) -> None:
                 pass
 
 
+def _reset_signals() -> None:
+    """Forget the supervisor's stop handlers and wake-up pipe.
+
+    Inherited, they would make SIGTERM only set a flag in this copy of the
+    supervisor (so ``terminate()`` could not end a session) and write to a
+    descriptor ``_close_inherited`` is about to close.
+    """
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def session_main(ctl: socket.socket, layout, settings) -> None:
     """Body of a pooled session process (the target of its fork)."""
+    _reset_signals()
     _close_inherited({ctl.fileno()})
     spawner.title("session (ready)")
     db = StoreDB.open(layout, ensure_layout=False)
