@@ -59,6 +59,25 @@ class ClientConnection:
                 raise ClientProtocolError("unexpected end-of-file")
             self._in += data
 
+    def read_some(self, max_n: int) -> bytes:
+        """Return between 1 and ``max_n`` bytes (buffered first).
+
+        Raises:
+            ClientProtocolError: end of input.
+        """
+        if not self._in:
+            self._fill(1, False)
+        data = bytes(self._in[:max_n])
+        del self._in[:max_n]
+        return data
+
+    def read_pieces(self, n: int, piece: int = limits.RECV_CHUNK):
+        """Yield exactly ``n`` bytes in pieces of at most ``piece`` bytes."""
+        while n:
+            data = self.read_some(min(n, piece))
+            n -= len(data)
+            yield data
+
     def write(self, data: bytes) -> None:
         self._out += data
 

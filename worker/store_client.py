@@ -8,6 +8,7 @@ a broken session and ends the worker.  Process: worker.
 
 from __future__ import annotations
 
+from nixwarden.shared import limits
 from nixwarden.shared.errors import StoreRefusal, WorkerViolation
 from nixwarden.shared.rpc import codec, schema
 from nixwarden.shared.rpc.channel import Channel
@@ -80,6 +81,24 @@ class StoreClient:
 
     def query_realisation(self, output_id: str) -> list[str]:
         return self._call(schema.QueryRealisation(output_id), schema.Strings).items
+
+    def _stream(self, request, chunks, expect: type):
+        """Send ``request``, then the bulk data as Chunk frames and End."""
+        self.channel.send(request)
+        step = limits.RPC_CHUNK
+        for data in chunks:
+            for start in range(0, len(data), step):
+                self.channel.send(schema.Chunk(data[start:start + step]))
+        return self._call(schema.End(), expect)
+
+    def add_to_store(self, req: schema.AddToStore, chunks) -> schema.PathInfo:
+        return self._stream(req, chunks, schema.PathInfo)
+
+    def add_to_store_nar(self, req: schema.AddToStoreNar, chunks) -> None:
+        self._stream(req, chunks, schema.Ok)
+
+    def add_signatures(self, path: str, sigs: list[str]) -> None:
+        self._call(schema.AddSignatures(path, sigs), schema.Ok)
 
     def check_nar_readable(self, path: str) -> None:
         self._call(schema.CheckNarReadable(path), schema.Ok)

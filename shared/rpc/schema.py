@@ -101,12 +101,60 @@ class CheckNarReadable(_Msg, tag=32):
     path: str
 
 
+class AddToStoreNar(_Msg, tag=34):
+    """A NAR with claimed metadata; the NAR follows as Chunk frames and End.
+
+    Every claim (hash, size, content address, signatures) is checked by
+    the session while it restores; ``ultimate`` and ``dont_check_sigs``
+    count only for trusted sessions.
+    """
+    path: str
+    deriver: str | None
+    nar_hash: str  # as the client sent it: any of Nix's hash encodings
+    references: list[str]
+    registration_time: int
+    nar_size: int
+    ultimate: bool
+    sigs: list[str]
+    ca: str | None
+    repair: bool
+    dont_check_sigs: bool
+
+
+class AddToStore(_Msg, tag=36):
+    """Content to add under a content address; Chunk frames and End follow.
+
+    ``method`` is a content-address method with algorithm ("text:sha256",
+    "fixed:sha256", "fixed:r:sha256", ...); ``nar_input`` says whether the
+    chunks are a NAR (else the raw contents of one regular file).
+    """
+    name: str
+    method: str
+    references: list[str]
+    repair: bool
+    nar_input: bool
+
+
+class Chunk(_Msg, tag=38):
+    """A piece of the bulk data of the current AddToStore/AddToStoreNar."""
+    data: bytes
+
+
+class End(_Msg, tag=40):
+    """The end of the current bulk data."""
+
+
+class AddSignatures(_Msg, tag=42):
+    path: str
+    sigs: list[str]
+
+
 Request = Union[
     SetOptions, IsValidPath, QueryValidPaths, QueryPathInfo, QueryReferrers,
     QueryPathFromHashPart, QueryAllValidPaths, QueryDeriver, QueryValidDerivers,
     QueryDerivationOutputMap, QuerySubstitutablePaths,
     QuerySubstitutablePathInfos, QueryMissing, AddTempRoot, QueryRealisation,
-    CheckNarReadable,
+    CheckNarReadable, AddToStoreNar, AddToStore, Chunk, End, AddSignatures,
 ]
 
 
@@ -182,7 +230,7 @@ class LogLine(_Msg, tag=25):
 
 
 Reply = Union[
-    Ok, Bool, Paths, OptPath, MaybePathInfo, OutputMap, SubstitutableInfos,
+    Ok, Bool, Paths, OptPath, PathInfo, MaybePathInfo, OutputMap, SubstitutableInfos,
     Missing, Warnings, Strings, Failure, LogLine,
 ]
 

@@ -144,3 +144,64 @@ def on_check_nar_readable(session, req: schema.CheckNarReadable):
         raise StoreRefusal(f"path '{path}' is not valid")
     session.temp_roots.add(path)
     return schema.Ok()
+
+
+# --- adding paths ----------------------------------------------------------------
+
+def _nar_claim(session, req):
+    from nixwarden.shared.hashes import Hash, HashAlgo
+    from nixwarden.shared.storepath import ContentAddress
+    from nixwarden.supervisor.store.adding import NarClaim
+    path = _paths(session, [req.path])[0]
+    deriver = _paths(session, [req.deriver])[0] if req.deriver else None
+    try:
+        nar_hash = Hash.parse(req.nar_hash, HashAlgo.SHA256)
+        ca = ContentAddress.parse(req.ca) if req.ca else None
+    except ValueError as exc:
+        raise StoreRefusal(str(exc)) from None
+    trusted = session.identity.trusted
+    return NarClaim(path, deriver, nar_hash, tuple(sorted(set(_paths(session, req.references)))),
+                    req.registration_time, req.nar_size, req.ultimate and trusted,
+                    tuple(req.sigs), ca)
+
+
+def on_add_to_store_nar(session, req: schema.AddToStoreNar):
+    chunks = session.stream()
+    try:
+        claim = _nar_claim(session, req)
+    except StoreRefusal:
+        for _ in chunks:
+            pass
+        raise
+    trusted = session.identity.trusted
+    session.writer.add_nar(claim, chunks, repair=req.repair and trusted,
+                           check_sigs=not (req.dont_check_sigs and trusted))
+    return schema.Ok()
+
+
+def on_add_to_store(session, req: schema.AddToStore):
+    from nixwarden.shared.storepath import ContentAddressMethod, check_name
+    chunks = session.stream()
+    try:
+        method = ContentAddressMethod.parse(req.method)
+        check_name(req.name, "store path name")
+        refs = _paths(session, req.references)
+    except ValueError as exc:
+        for _ in chunks:
+            pass
+        raise StoreRefusal(str(exc)) from None
+    info = session.writer.add_content(req.name, method, refs, chunks, nar_input=req.nar_input,
+                                      repair=req.repair and session.identity.trusted)
+    return _path_info_msg(info)
+
+
+def on_add_signatures(session, req: schema.AddSignatures):
+    path = _paths(session, [req.path])[0]
+    if not session.db.is_valid(path):
+        raise StoreRefusal(f"path '{path}' is not valid")
+    session.db.add_signatures(path, req.sigs)
+    return schema.Ok()
+
+
+def on_stray_stream(session, req):
+    raise WorkerViolation("bulk data outside an upload")

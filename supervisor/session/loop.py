@@ -38,6 +38,7 @@ def dispatch(session, request):
 
 def serve(session, channel: Channel) -> int:
     """Serve the worker until it closes its channel; return an exit code."""
+    session.channel = channel
     while True:
         request = None
         try:
@@ -50,6 +51,9 @@ def serve(session, channel: Channel) -> int:
         try:
             request = codec.decode_request(payload)
             reply = dispatch(session, request)
+        except ChannelClosed:
+            log.info("connection closed during an upload; nothing was added")
+            return 0
         except WorkerViolation as exc:
             name = type(request).__name__ if request is not None else "frame"
             _violation(session, name, exc)

@@ -18,6 +18,7 @@ from nixwarden.shared.rpc.channel import Channel
 from nixwarden.supervisor import spawner
 from nixwarden.supervisor.session import loop
 from nixwarden.supervisor.session.state import Session
+from nixwarden.supervisor.store.adding import StoreWriter
 from nixwarden.supervisor.store.db import StoreDB
 from nixwarden.supervisor.store.locks import TempRoots
 
@@ -50,6 +51,18 @@ def _reset_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
+def _public_keys(settings) -> dict:
+    """Keys whose signatures this session accepts (trusted-public-keys and
+    the public halves of secret-key-files)."""
+    try:
+        from nixwarden.supervisor.store import signatures
+        return signatures.load_public_keys(settings.trusted_public_keys,
+                                           settings.secret_key_files)
+    except Exception as exc:  # an unreadable key file must not kill queries
+        log.error("cannot load signing keys: %s", exc)
+        return {}
+
+
 def session_main(ctl: socket.socket, layout, settings) -> None:
     """Body of a pooled session process (the target of its fork)."""
     _reset_signals()
@@ -65,9 +78,12 @@ def session_main(ctl: socket.socket, layout, settings) -> None:
     spawner.title(f"session uid={identity.uid}")
     roots = TempRoots(layout)
     session = Session(identity, settings, layout, db, roots)
+    session.writer = StoreWriter(layout, db, roots, _public_keys(settings),
+                                 bool(settings.require_sigs))
     try:
         code = loop.serve(session, Channel(socket.socket(fileno=rpc_fd)))
     finally:
+        session.writer.close()
         roots.close()
         db.close()
     log.debug("session for pid %s ended after %d requests", identity.pid, session.requests)

@@ -38,4 +38,12 @@ RULES: dict[type, Rule] = {
     schema.AddTempRoot: Rule(h.on_add_temp_root),
     schema.QueryRealisation: Rule(h.on_query_realisation),
     schema.CheckNarReadable: Rule(h.on_check_nar_readable),
+    schema.AddToStoreNar: Rule(h.on_add_to_store_nar),
+    schema.AddToStore: Rule(h.on_add_to_store),
+    schema.AddSignatures: Rule(h.on_add_signatures, trusted_only=True,
+                               refusal="you are not privileged to add signatures"),
+    # Chunk and End are read by the upload handlers themselves; on their own
+    # they are a violation.
+    schema.Chunk: Rule(h.on_stray_stream),
+    schema.End: Rule(h.on_stray_stream),
 }

@@ -24,6 +24,8 @@ class Session:
     layout: StoreLayout
     db: StoreDB
     temp_roots: TempRoots
+    writer: object = None  # supervisor.store.adding.StoreWriter
+    channel: object = None  # shared.rpc.channel.Channel, set by the loop
     store_dir: StoreDir = field(init=False)
     requests: int = 0
 
@@ -43,3 +45,19 @@ class Session:
 
     def full(self, sp: StorePath) -> str:
         return self.store_dir.print(sp)
+
+    def stream(self):
+        """The bulk data following the current request: Chunk payloads until End.
+
+        Raises:
+            WorkerViolation: anything but Chunk or End, or a malformed frame.
+            ChannelClosed: the worker went away mid-stream (client vanished).
+        """
+        from nixwarden.shared.rpc import codec, schema
+        while True:
+            msg = codec.decode_request(self.channel.recv_frame())
+            if isinstance(msg, schema.End):
+                return
+            if not isinstance(msg, schema.Chunk):
+                raise WorkerViolation(f"{type(msg).__name__} inside bulk data")
+            yield msg.data

@@ -1,0 +1,107 @@
+"""The hardened NAR restorer: NAR events into a new entry of the store directory.
+
+Everything is created relative to directory descriptors, with
+``O_NOFOLLOW``/``O_EXCL`` and never through a path string, so no name in
+a NAR can reach outside the entry being built; symlinks are created as
+data and never followed.  Metadata is canonical as it is written (files
+0444 or 0555, directories 0555, mtime 1; ownership is the daemon's).
+The events come from ``shared.nar.NarParser``, which has already checked
+names, order, lengths and depth.  Process: session.
+
+Trust: the NAR comes from a client through a worker and is hostile; the
+parser rejects malformed input and this module adds the file-system side:
+no following, no overwriting, no path strings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+
+from nixwarden.shared import nar
+
+CANONICAL_TIME = (1, 1)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Restorer:
+    """Builds the NAR's root as ``name`` inside the directory ``parent_fd``."""
+
+    def __init__(self, parent_fd: int, name: str):
+        self.parent_fd = parent_fd
+        self.name = name
+        self._dirs: list[tuple[tuple, int]] = []  # (path, fd), innermost last
+        self._file: int | None = None
+        self._file_mode = 0o444
+
+    def _locate(self, path: tuple) -> tuple[int, str]:
+        """Close finished directories; return (directory fd, leaf name) for ``path``."""
+        while self._dirs and self._dirs[-1][0] != path[:-1]:
+            self._finish_dir()
+        if not path:
+            return self.parent_fd, self.name
+        if not self._dirs:
+            raise nar.NarError("NAR entry outside its directory")
+        return self._dirs[-1][1], path[-1]
+
+    def _finish_dir(self) -> None:
+        _, fd = self._dirs.pop()
+        os.fchmod(fd, 0o555)
+        os.utime(fd, CANONICAL_TIME)
+        os.close(fd)
+
+    def apply(self, event) -> None:
+        """Apply one parser event to the file system."""
+        if isinstance(event, nar.Contents):
+            _write_all(self._file, event.data)
+        elif isinstance(event, nar.ContentsEnd):
+            os.fchmod(self._file, self._file_mode)
+            os.utime(self._file, CANONICAL_TIME)
+            os.close(self._file)
+            self._file = None
+        elif isinstance(event, nar.Regular):
+            dir_fd, leaf = self._locate(event.path)
+            self._file = os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=dir_fd)
+            self._file_mode = 0o555 if event.executable else 0o444
+        elif isinstance(event, nar.Directory):
+            dir_fd, leaf = self._locate(event.path)
+            os.mkdir(leaf, 0o700, dir_fd=dir_fd)
+            self._dirs.append((event.path, os.open(leaf, _DIR_FLAGS, dir_fd=dir_fd)))
+        elif isinstance(event, nar.Symlink):
+            dir_fd, leaf = self._locate(event.path)
+            os.symlink(event.target, leaf, dir_fd=dir_fd)
+            os.utime(leaf, CANONICAL_TIME, dir_fd=dir_fd, follow_symlinks=False)
+        elif isinstance(event, nar.End):
+            while self._dirs:
+                self._finish_dir()
+
+    def close(self) -> None:
+        """Release descriptors (after an error); the entry is left for removal."""
+        if self._file is not None:
+            os.close(self._file)
+            self._file = None
+        for _, fd in self._dirs:
+            os.close(fd)
+        self._dirs = []
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with memoryview(data) as view:
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def remove_entry(parent_fd: int, name: str) -> None:
+    """Delete ``name`` in ``parent_fd`` whatever it is, without following links."""
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=parent_fd)
+        return
+    for root, dirs, _files, root_fd in os.fwalk(name, dir_fd=parent_fd):
+        os.fchmod(root_fd, 0o700)
+    shutil.rmtree(name, dir_fd=parent_fd)
