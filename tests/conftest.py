@@ -17,6 +17,24 @@ needs_nix = pytest.mark.skipif(shutil.which("nix-store") is None,
                                reason="needs the real Nix (tests/run installs nix-bin)")
 
 
+TEST_USER = "nwtest"
+
+
+@pytest.fixture(scope="session")
+def test_user():
+    """An unprivileged account for client-side tests (created if missing; root only)."""
+    import pwd
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a test user")
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
+                        "/nonexistent", "--user-group", TEST_USER], check=True)
+        return pwd.getpwnam(TEST_USER)
+
+
 @pytest.fixture
 def nixenv():
     root = new_root()

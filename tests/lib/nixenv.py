@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -111,17 +112,24 @@ class Daemon:
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def wait_ready(self, timeout: float = 30.0) -> "Daemon":
+        """Wait until the socket accepts connections (a stale file left by
+        an earlier daemon on the same store does not count)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if os.path.exists(self.nixenv.socket_path):
-                return self
             if self.proc.poll() is not None:
                 break
+            if _accepts(self.nixenv.socket_path):
+                return self
             time.sleep(0.02)
         raise AssertionError(f"daemon did not start:\n{self.output()}")
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
 
@@ -143,6 +151,15 @@ def start_nixwarden(nixenv: NixEnv, *args, extra_env=None) -> Daemon:
 
 def start_nix_daemon(nixenv: NixEnv, *args) -> Daemon:
     return Daemon(nixenv, ["nix-daemon"], args=args).wait_ready()
+
+
+def _accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def new_root(prefix: str = "nw-") -> str:

@@ -21,7 +21,7 @@ class DaemonError(Exception):
 
 class WClient:
     def __init__(self, socket_path: str | None = None, minor: int = 38, *, sock=None,
-                 features=(), send_set_options=True):
+                 features=(), send_set_options=True, version_twice=False):
         self.sock = sock or socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if sock is None:
             self.sock.connect(socket_path)
@@ -29,7 +29,7 @@ class WClient:
         self.rbuf = b""
         self.logs: list[str] = []
         self.minor = minor
-        self.handshake(minor, features)
+        self.handshake(minor, features, version_twice)
         if send_set_options:
             self.set_options()
 
@@ -73,8 +73,10 @@ class WClient:
         return [self.r_str() for _ in range(self.r_u64())]
 
     # --- protocol ---
-    def handshake(self, minor: int, features) -> None:
-        self.send(self.u64(MAGIC_1))
+    def handshake(self, minor: int, features, version_twice: bool = False) -> None:
+        """Run the client side of spec §3.2.  ``version_twice`` is the Nix 2.23
+        quirk (§3.5): the version goes out with the magic and again later."""
+        self.send(self.u64(MAGIC_1) + (self.u64((1 << 8) | minor) if version_twice else b""))
         assert self.r_u64() == MAGIC_2
         self.server_version = self.r_u64()
         self.send(self.u64((1 << 8) | minor))
@@ -160,6 +162,26 @@ class WClient:
         if self.version >= 16:
             info.update(ultimate=bool(self.r_u64()), sigs=self.r_strs(), ca=self.r_str())
         return info
+
+    def query_valid_paths(self, paths, substitute: bool | None = None) -> list[str]:
+        """QueryValidPaths (31); ``substitute`` is sent only from 1.27 on."""
+        flag = self.u64(bool(substitute)) if self.version >= 27 else b""
+        self.op(31, self.strs(paths) + flag)
+        return self.r_strs()
+
+    def query_substitutable_path_infos(self, paths) -> int:
+        """QuerySubstitutablePathInfos (30): a set before 1.22, a map with CAs
+        after; returns the number of infos (their bodies are skipped)."""
+        paths = list(paths)
+        if self.version >= 22:
+            arg = self.u64(len(paths)) + b"".join(self.s(p) + self.s("") for p in paths)
+        else:
+            arg = self.strs(paths)
+        self.op(30, arg)
+        count = self.r_u64()
+        for _ in range(count):
+            self.r_str(), self.r_str(), self.r_strs(), self.r_u64(), self.r_u64()
+        return count
 
     def nar_from_path(self, path: str, nar_len: int) -> bytes:
         self.op(38, self.s(path))
