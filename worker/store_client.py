@@ -97,6 +97,18 @@ class StoreClient:
     def add_to_store_nar(self, req: schema.AddToStoreNar, chunks) -> None:
         self._stream(req, chunks, schema.Ok)
 
+    def import_path(self, chunks, meta) -> str:
+        """Send one exported NAR, then its metadata (read after the NAR)."""
+        self.channel.send(schema.ImportPath())
+        step = limits.RPC_CHUNK
+        for data in chunks:
+            for start in range(0, len(data), step):
+                self.channel.send(schema.Chunk(data[start:start + step]))
+        self.channel.send(schema.End())
+        request = meta()
+        self._call(request, schema.Ok)
+        return request.path
+
     def add_signatures(self, path: str, sigs: list[str]) -> None:
         self._call(schema.AddSignatures(path, sigs), schema.Ok)
 

@@ -149,12 +149,24 @@ class AddSignatures(_Msg, tag=42):
     sigs: list[str]
 
 
+class ImportPath(_Msg, tag=44):
+    """One path of the legacy export format: its NAR follows as Chunk frames
+    and End, then ``ImportPathMeta`` (the format puts the metadata last)."""
+
+
+class ImportPathMeta(_Msg, tag=46):
+    path: str
+    references: list[str]
+    deriver: str | None
+
+
 Request = Union[
     SetOptions, IsValidPath, QueryValidPaths, QueryPathInfo, QueryReferrers,
     QueryPathFromHashPart, QueryAllValidPaths, QueryDeriver, QueryValidDerivers,
     QueryDerivationOutputMap, QuerySubstitutablePaths,
     QuerySubstitutablePathInfos, QueryMissing, AddTempRoot, QueryRealisation,
     CheckNarReadable, AddToStoreNar, AddToStore, Chunk, End, AddSignatures,
+    ImportPath, ImportPathMeta,
 ]
 
 

@@ -205,3 +205,21 @@ def on_add_signatures(session, req: schema.AddSignatures):
 
 def on_stray_stream(session, req):
     raise WorkerViolation("bulk data outside an upload")
+
+
+def on_import_path(session, req: schema.ImportPath):
+    from nixwarden.shared.rpc import codec
+    from nixwarden.supervisor.store.adding import NarClaim
+
+    def read_claim(nar_hash, nar_size):
+        meta = codec.decode_request(session.channel.recv_frame())
+        if not isinstance(meta, schema.ImportPathMeta):
+            raise WorkerViolation(f"{type(meta).__name__} where ImportPathMeta belongs")
+        path = _paths(session, [meta.path])[0]
+        deriver = _paths(session, [meta.deriver])[0] if meta.deriver else None
+        refs = tuple(sorted(set(_paths(session, meta.references))))
+        return NarClaim(path, deriver, nar_hash, refs, 0, nar_size, False, (), None)
+
+    session.writer.import_nar(session.stream(), read_claim,
+                              check_sigs=not session.identity.trusted)
+    return schema.Ok()

@@ -42,6 +42,8 @@ RULES: dict[type, Rule] = {
     schema.AddToStore: Rule(h.on_add_to_store),
     schema.AddSignatures: Rule(h.on_add_signatures, trusted_only=True,
                                refusal="you are not privileged to add signatures"),
+    schema.ImportPath: Rule(h.on_import_path),
+    schema.ImportPathMeta: Rule(h.on_stray_stream),
     # Chunk and End are read by the upload handlers themselves; on their own
     # they are a violation.
     schema.Chunk: Rule(h.on_stray_stream),

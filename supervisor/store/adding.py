@@ -145,6 +145,26 @@ class StoreWriter:
         return signatures.check_path_sigs(claim.path, claim.nar_hash, claim.nar_size,
                                           claim.references, claim.sigs, self.public_keys) == 0
 
+    def import_nar(self, chunks, read_claim, *, check_sigs: bool) -> None:
+        """Add one path of the legacy export format (ImportPaths).
+
+        The format puts the metadata after the NAR, so the NAR is received
+        first; ``read_claim(nar_hash, nar_size)`` then returns the claim.
+        """
+        name, got = self._receive(chunks, nar_input=True, ca=None)
+        try:
+            claim = read_claim(got.nar_hash, got.nar_size)
+            if check_sigs and self._untrusted(claim):
+                raise StoreRefusal(
+                    f"cannot add path '{claim.path}' because it lacks a valid signature")
+            self.temp_roots.add(claim.path)
+        except BaseException:
+            remove_entry(self.store_fd, name)
+            raise
+        info = PathInfo(claim.path, claim.deriver, f"sha256:{got.nar_hash.to_base16()}",
+                        claim.references, 0, got.nar_size, False, (), None)
+        self._commit(name, info, repair=False)
+
     # --- AddToStore / AddTextToStore ---------------------------------------------
 
     def add_content(self, name: str, method: ContentAddressMethod, references: list[str],
