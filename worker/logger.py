@@ -50,6 +50,21 @@ class ClientLogger:
         self.conn.write(w.w_u64(Stderr.START_ACTIVITY) + body)
         return act
 
+    def start_activity_as(self, act: int, level: int, activity_type: int, text: str,
+                          fields: tuple = (), parent: int = 0) -> None:
+        """Open an activity whose id the session chose."""
+        if self.version < ACTIVITIES:
+            self.log(level, text + "...")
+            return
+        body = w.w_u64(act) + w.w_u64(level) + w.w_u64(activity_type) + w.w_str(text)
+        self.conn.write(w.w_u64(Stderr.START_ACTIVITY) + body + _fields(fields)
+                        + w.w_u64(parent))
+
+    def result(self, act: int, result_type: int, fields: tuple = ()) -> None:
+        if self.version >= ACTIVITIES:
+            self.conn.write(w.w_u64(Stderr.RESULT) + w.w_u64(act) + w.w_u64(result_type)
+                            + _fields(fields))
+
     def stop_activity(self, act: int) -> None:
         if self.version >= ACTIVITIES:
             self.conn.write(w.w_u64(Stderr.STOP_ACTIVITY) + w.w_u64(act))

@@ -14,6 +14,10 @@ from nixwarden.shared.rpc import codec, schema
 from nixwarden.shared.rpc.channel import Channel
 
 
+_IN_BAND = (schema.LogLine, schema.StartActivity, schema.StopActivity,
+            schema.ActivityResult)
+
+
 class StoreClient:
     """Synchronous RPC client: one request in flight at a time."""
 
@@ -25,9 +29,9 @@ class StoreClient:
         self.channel.send(request)
         while True:
             reply = codec.decode_reply(self.channel.recv_frame())
-            if isinstance(reply, schema.LogLine):
+            if isinstance(reply, _IN_BAND):
                 if self.logger is not None:
-                    self.logger.log(reply.level, reply.text)
+                    self._relay(reply)
                 continue
             if isinstance(reply, schema.Failure):
                 raise StoreRefusal(reply.message, reply.exit_status)
@@ -35,6 +39,31 @@ class StoreClient:
                 raise WorkerViolation(
                     f"session answered {type(reply).__name__} to {type(request).__name__}")
             return reply
+
+    def _relay(self, msg) -> None:
+        """Pass an in-band log message on to the client."""
+        if isinstance(msg, schema.LogLine):
+            self.logger.log(msg.level, msg.text)
+        elif isinstance(msg, schema.StartActivity):
+            self.logger.start_activity_as(msg.id, msg.level, msg.type, msg.text,
+                                          tuple(msg.fields), msg.parent)
+        elif isinstance(msg, schema.StopActivity):
+            self.logger.stop_activity(msg.id)
+        else:
+            self.logger.result(msg.id, msg.type, tuple(msg.fields))
+        self.logger.conn.flush()
+
+    def build_paths(self, targets: list[str], mode: int) -> None:
+        self._call(schema.BuildPaths(targets, mode, False), schema.Ok)
+
+    def build_paths_with_results(self, targets: list[str], mode: int):
+        return self._call(schema.BuildPaths(targets, mode, True), schema.BuildResults).results
+
+    def ensure_path(self, path: str) -> None:
+        self._call(schema.EnsurePath(path), schema.Ok)
+
+    def build_derivation(self, req: schema.BuildDerivation) -> schema.BuildResult:
+        return self._call(req, schema.BuildResult)
 
     def set_options(self, req: schema.SetOptions) -> list[str]:
         return self._call(req, schema.Warnings).lines

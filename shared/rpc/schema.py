@@ -160,13 +160,44 @@ class ImportPathMeta(_Msg, tag=46):
     deriver: str | None
 
 
+class BuildPaths(_Msg, tag=48):
+    """Build or ensure derived paths (">= 1.30" syntax); mode 0 normal, 1 repair, 2 check."""
+    targets: list[str]
+    mode: int
+    with_results: bool
+
+
+class EnsurePath(_Msg, tag=50):
+    path: str
+
+
+class BasicOutput(_Msg, tag=52):
+    name: str
+    path: str
+    hash_algo: str
+    hash: str
+
+
+class BuildDerivation(_Msg, tag=54):
+    """A derivation sent whole by the client (remote building); the session
+    recomputes and checks everything it claims."""
+    drv_path: str
+    outputs: list[BasicOutput]
+    input_srcs: list[str]
+    platform: str
+    builder: str
+    args: list[str]
+    env: list[tuple[str, str]]
+    mode: int
+
+
 Request = Union[
     SetOptions, IsValidPath, QueryValidPaths, QueryPathInfo, QueryReferrers,
     QueryPathFromHashPart, QueryAllValidPaths, QueryDeriver, QueryValidDerivers,
     QueryDerivationOutputMap, QuerySubstitutablePaths,
     QuerySubstitutablePathInfos, QueryMissing, AddTempRoot, QueryRealisation,
     CheckNarReadable, AddToStoreNar, AddToStore, Chunk, End, AddSignatures,
-    ImportPath, ImportPathMeta,
+    ImportPath, ImportPathMeta, BuildPaths, EnsurePath, BuildDerivation,
 ]
 
 
@@ -241,9 +272,44 @@ class LogLine(_Msg, tag=25):
     text: str
 
 
+class BuildResult(_Msg, tag=27):
+    status: int
+    error_msg: str
+    times_built: int
+    is_non_deterministic: bool
+    start_time: int
+    stop_time: int
+    built_outputs: list[tuple[str, str]]  # (output name, output path)
+
+
+class BuildResults(_Msg, tag=29):
+    results: list[BuildResult]
+
+
+class StartActivity(_Msg, tag=31):
+    """In-band: an activity begins (spec worker-protocol §4.2, §4.4)."""
+    id: int
+    level: int
+    type: int
+    text: str
+    fields: list[int | str]
+    parent: int
+
+
+class StopActivity(_Msg, tag=33):
+    id: int
+
+
+class ActivityResult(_Msg, tag=35):
+    id: int
+    type: int
+    fields: list[int | str]
+
+
 Reply = Union[
     Ok, Bool, Paths, OptPath, PathInfo, MaybePathInfo, OutputMap, SubstitutableInfos,
-    Missing, Warnings, Strings, Failure, LogLine,
+    Missing, Warnings, Strings, Failure, LogLine, BuildResult, BuildResults,
+    StartActivity, StopActivity, ActivityResult,
 ]
 
 #: Every type id, for review: requests even, replies odd.

@@ -35,6 +35,12 @@ def _paths(session, texts) -> list[str]:
 
 
 def on_set_options(session, req: schema.SetOptions):
+    # The fixed fields apply to every client, trusted or not (spec §5.16).
+    session.settings = session.settings.with_values({
+        "keep-failed": req.keep_failed, "keep-going": req.keep_going,
+        "fallback": req.try_fallback, "max-jobs": req.max_build_jobs,
+        "max-silent-time": req.max_silent_time, "cores": req.build_cores,
+        "substitute": req.use_substitutes})
     session.settings, warnings = session.settings.with_overrides(
         req.overrides, trusted=session.identity.trusted)
     return schema.Warnings(list(warnings))
@@ -222,4 +228,60 @@ def on_import_path(session, req: schema.ImportPath):
 
     session.writer.import_nar(session.stream(), read_claim,
                               check_sigs=not session.identity.trusted)
+    return schema.Ok()
+
+
+# --- building ---------------------------------------------------------------------
+
+def _show_paths(paths) -> str:
+    return ", ".join(f"'{p}'" for p in sorted(paths))
+
+
+def _check_targets(session, targets: list[str]) -> list[str]:
+    for text in targets:
+        path, bang, outputs = text.partition("!")
+        sp = session.store_path(path)
+        if bang and (not sp.is_derivation or not outputs):
+            raise WorkerViolation(f"bad derived path '{text}'")
+    return targets
+
+
+def _realise(session, targets: list[str], mode: int):
+    from nixwarden.supervisor.build.realise import Realiser
+    if mode == 1 and not session.identity.trusted:
+        raise StoreRefusal("repairing is not allowed because you are not in 'trusted-users'")
+    if mode not in (0, 1, 2):
+        raise WorkerViolation(f"unknown build mode {mode}")
+    return Realiser(session).build(_check_targets(session, targets), mode)
+
+
+def _result_msg(outcome) -> schema.BuildResult:
+    return schema.BuildResult(outcome.status, outcome.error, outcome.times_built, False,
+                              outcome.start_time, outcome.stop_time,
+                              sorted(outcome.outputs.items()))
+
+
+def on_build_paths(session, req: schema.BuildPaths):
+    results = _realise(session, req.targets, req.mode)
+    if req.with_results:
+        return schema.BuildResults([_result_msg(o) for _, o in results])
+    failed = [(t.partition("!")[0], o) for t, o in results if not o.ok]
+    if not failed:
+        return schema.Ok()
+    bits = 0
+    for _, o in failed:
+        bits |= o.exit_bits
+    status = (bits | 0x60) if bits else 1
+    if len(failed) == 1:
+        raise StoreRefusal(failed[0][1].error, status)
+    for _, o in failed:
+        session.client_log.log(0, f"\x1b[31;1merror:\x1b[0m {o.error}")
+    raise StoreRefusal(f"build of {_show_paths(p for p, _ in failed)} failed", status)
+
+
+def on_ensure_path(session, req: schema.EnsurePath):
+    path = _paths(session, [req.path])[0]
+    if not session.db.is_valid(path):
+        raise StoreRefusal(f"path '{path}' does not exist and cannot be created")
+    session.temp_roots.add(path)
     return schema.Ok()

@@ -18,6 +18,7 @@ import os
 from nixwarden.shared.errors import StoreRefusal, WorkerViolation
 from nixwarden.shared.rpc import codec, schema
 from nixwarden.shared.rpc.channel import Channel, ChannelClosed
+from nixwarden.supervisor.session.clientlog import ClientLog
 from nixwarden.supervisor.session.rules import RULES
 
 log = logging.getLogger("nixwarden.session")
@@ -39,6 +40,7 @@ def dispatch(session, request):
 def serve(session, channel: Channel) -> int:
     """Serve the worker until it closes its channel; return an exit code."""
     session.channel = channel
+    session.client_log = ClientLog(channel)
     while True:
         request = None
         try:

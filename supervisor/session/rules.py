@@ -43,6 +43,8 @@ RULES: dict[type, Rule] = {
     schema.AddSignatures: Rule(h.on_add_signatures, trusted_only=True,
                                refusal="you are not privileged to add signatures"),
     schema.ImportPath: Rule(h.on_import_path),
+    schema.BuildPaths: Rule(h.on_build_paths),
+    schema.EnsurePath: Rule(h.on_ensure_path),
     schema.ImportPathMeta: Rule(h.on_stray_stream),
     # Chunk and End are read by the upload handlers themselves; on their own
     # they are a violation.

@@ -77,4 +77,5 @@ def w_opt_path(path: str | None) -> bytes:
 
 def register_all() -> None:
     """Import every op module so its handlers register themselves."""
-    from nixwarden.worker.ops import add, export, nar, options, queries, roots  # noqa: F401
+    from nixwarden.worker.ops import (  # noqa: F401
+        add, build, export, nar, options, queries, roots)

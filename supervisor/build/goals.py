@@ -1,0 +1,105 @@
+"""What a build request means: derivation goals and their dependencies.
+
+``plan`` turns derived paths (``path``, ``drv!*``, ``drv!a,b``) into a
+graph of ``DrvGoal`` objects, one per derivation (wanted outputs merged),
+reading each ``.drv`` from the store and following its input derivations.
+Pure over the ``StoreView`` it is given.  Process: session.
+
+Trust: targets come from a client; every path was checked by the
+session, and every ``.drv`` is parsed strictly from the store itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nixwarden.shared.errors import StoreRefusal
+
+# BuildResult statuses (spec worker-protocol §2.10)
+BUILT, SUBSTITUTED, ALREADY_VALID = 0, 1, 2
+PERMANENT_FAILURE, INPUT_REJECTED, OUTPUT_REJECTED = 3, 4, 5
+TRANSIENT_FAILURE, TIMED_OUT, MISC_FAILURE, DEPENDENCY_FAILED = 6, 8, 9, 10
+NOT_DETERMINISTIC, NO_SUBSTITUTERS = 12, 14
+SUCCESS = {BUILT, SUBSTITUTED, ALREADY_VALID}
+
+
+@dataclass
+class Outcome:
+    status: int
+    error: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+    times_built: int = 0
+    start_time: int = 0
+    stop_time: int = 0
+    exit_bits: int = 0  # 0x04 failure, 0x01 timeout, 0x02 hash mismatch, 0x08 check
+
+    @property
+    def ok(self) -> bool:
+        return self.status in SUCCESS
+
+
+@dataclass(eq=False)
+class DrvGoal:
+    drv_path: str
+    drv: object  # shared.derivation.Derivation
+    output_paths: dict[str, str | None]
+    wanted: set[str]
+    deps: list["DrvGoal"] = field(default_factory=list)
+    dependents: list["DrvGoal"] = field(default_factory=list)
+    outcome: Outcome | None = None
+
+    @property
+    def name(self) -> str:
+        return self.drv.name
+
+
+@dataclass
+class Plan:
+    goals: dict[str, DrvGoal]
+    targets: list[tuple[str, object]]  # (target text, DrvGoal or opaque path)
+
+
+def parse_target(text: str) -> tuple[str, str | None]:
+    """``drv!outs`` → (drv, outs); an opaque path → (path, None)."""
+    path, bang, outputs = text.partition("!")
+    return (path, outputs) if bang else (path, None)
+
+
+class Planner:
+    """Builds the goal graph; ``view`` reads derivations and validity."""
+
+    def __init__(self, view):
+        self.view = view
+        self.goals: dict[str, DrvGoal] = {}
+
+    def goal(self, drv_path: str, wanted: set[str] | None) -> DrvGoal:
+        """The goal for ``drv_path`` (``None`` = all outputs), created once."""
+        goal = self.goals.get(drv_path)
+        if goal is None:
+            if not self.view.is_valid(drv_path):
+                raise StoreRefusal(f"cannot build missing derivation '{drv_path}'")
+            drv = self.view.read_derivation(drv_path)
+            goal = DrvGoal(drv_path, drv, self.view.output_paths(drv_path, drv), set())
+            self.goals[drv_path] = goal
+            for dep_path, dep_outputs in drv.input_drvs.items():
+                dep = self.goal(dep_path, set(dep_outputs))
+                goal.deps.append(dep)
+                dep.dependents.append(goal)
+        names = set(goal.drv.outputs) if wanted is None else wanted
+        missing = names - set(goal.drv.outputs)
+        if missing:
+            raise StoreRefusal(f"derivation '{drv_path}' does not have wanted outputs "
+                               + ", ".join(f"'{m}'" for m in sorted(missing)))
+        goal.wanted |= names
+        return goal
+
+    def plan(self, targets: list[str]) -> Plan:
+        result = []
+        for text in targets:
+            path, outputs = parse_target(text)
+            if outputs is None:
+                result.append((text, path))
+            else:
+                wanted = None if outputs == "*" else set(outputs.split(","))
+                result.append((text, self.goal(path, wanted)))
+        return Plan(self.goals, result)

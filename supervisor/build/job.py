@@ -1,0 +1,222 @@
+"""One derivation build: prepare, run the builder, collect its log, finish.
+
+A ``BuildJob`` takes the output locks, a build user and a build
+directory, computes the builder's environment, starts the builder
+(``spawn.py``), relays its output to the client and the log file, and on
+exit hands the outputs to ``outputs.register`` or reports the failure in
+Nix's words.  Process: session.
+
+Trust: the derivation is client-controlled.  The builder runs as a build
+user (or the daemon's own account when there are none), its outputs are
+checked and canonicalised before they are registered.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import time
+
+from nixwarden.shared.errors import StoreRefusal
+from nixwarden.shared.wire.ops import ActivityType, ResultType, Verbosity
+from nixwarden.supervisor.build import goals as g
+from nixwarden.supervisor.build import spawn
+from nixwarden.supervisor.build.buildlog import BuildLogWriter
+from nixwarden.supervisor.store.locks import PathLock
+from nixwarden.supervisor.store.restore import remove_entry
+
+
+class BuildJob:
+    def __init__(self, realiser, goal: g.DrvGoal):
+        self.r = realiser
+        self.goal = goal
+        self.pid: int | None = None
+        self.fd: int | None = None
+        self.lock: PathLock | None = None
+        self.user = None
+        self.build_dir: str | None = None
+        self.log: BuildLogWriter | None = None
+        self.tail: collections.deque = collections.deque(maxlen=realiser.log_lines)
+        self.partial = b""
+        self.act = 0
+        self.started = 0
+        self.last_output = 0.0
+        self.timed_out = ""
+
+    # --- starting ------------------------------------------------------------------
+
+    def try_start(self) -> bool | None:
+        """Start the build; False when it must wait (lock or build user busy),
+        None when it turned out not to be needed (outputs became valid)."""
+        paths = [p for p in self.goal.output_paths.values() if p]
+        self.lock = PathLock([self.r.layout.real_path(p) for p in paths])
+        if not self.lock.acquire(wait=False):
+            self.lock = None
+            return False
+        if self.r.all_valid(self.goal):
+            self.release()
+            return None
+        if self.r.needs_build_user():
+            self.user = self.r.acquire_build_user()
+            if self.user is None:
+                self.release()
+                return False
+        self._launch()
+        return True
+
+    def _launch(self) -> None:
+        goal = self.goal
+        for p in goal.output_paths.values():
+            if p:
+                self.r.temp_roots.add(p)
+                real = self.r.layout.real_path(p)
+                remove_entry(self.r.store_fd, os.path.basename(real))
+        self.build_dir = _make_build_dir(goal.drv_path)
+        launch = self.r.prepare_launch(goal, self.build_dir, self.user)
+        self.log = BuildLogWriter(self.r.layout.log_dir, os.path.basename(goal.drv_path),
+                                  self.r.compress_log) if self.r.keep_log else None
+        self.act = self.r.client.start(
+            Verbosity.INFO, ActivityType.BUILD, f"building '{goal.drv_path}'",
+            (goal.drv_path, "", 1, 1), self.r.builds_act)
+        self.started = int(time.time())
+        self.last_output = time.monotonic()
+        self.pid, self.fd = spawn.start(launch)
+
+    # --- running -------------------------------------------------------------------
+
+    def on_readable(self) -> bool:
+        """Read builder output; False at end of output."""
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return True
+        except OSError:  # EIO: every writer of the pty is gone
+            data = b""
+        if not data:
+            return False
+        self.last_output = time.monotonic()
+        if self.log:
+            self.log.write(data)
+        self._lines(data)
+        return True
+
+    def _lines(self, data: bytes) -> None:
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for raw in lines:
+            line = raw.rstrip(b"\r").decode("utf-8", "replace")
+            self.tail.append(line)
+            self.r.client.result(self.act, ResultType.BUILD_LOG_LINE, (line,))
+
+    def check_timeouts(self, now: float) -> None:
+        max_silent, timeout = self.r.max_silent_time, self.r.build_timeout
+        if max_silent and now - self.last_output > max_silent:
+            self.timed_out = f"{self.goal.drv_path} timed out after {max_silent} seconds of silence"
+        elif timeout and time.time() - self.started > timeout:
+            self.timed_out = f"{self.goal.drv_path} timed out after {timeout} seconds"
+        if self.timed_out:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.pid:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.user is not None:
+            self.r.kill_build_user(self.user)
+
+    # --- finishing -----------------------------------------------------------------
+
+    def finish(self) -> g.Outcome:
+        """Wait for the builder, then register the outputs or describe the failure."""
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = None
+        if self.partial:
+            self._lines(b"\n")
+        os.close(self.fd)
+        if self.log:
+            self.log.close()
+        if self.user is not None:
+            self.r.kill_build_user(self.user)
+        try:
+            return self._outcome(status)
+        finally:
+            self.r.client.stop(self.act)
+            self.release()
+
+    def _outcome(self, status: int) -> g.Outcome:
+        stopped = int(time.time())
+        if self.timed_out:
+            return self._failed(g.TIMED_OUT, self.timed_out, 0x01, stopped, keep=True)
+        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            return self._failed(g.PERMANENT_FAILURE, self._failure_text(status), 0x04, stopped,
+                                keep=True)
+        try:
+            outputs = self.r.register_outputs(self.goal, self.user)
+        except StoreRefusal as exc:
+            bits = 0x02 if "hash mismatch" in exc.message else 0
+            return self._failed(g.OUTPUT_REJECTED if bits else g.MISC_FAILURE, exc.message,
+                                bits, stopped, keep=False)
+        self._remove_build_dir()
+        return g.Outcome(g.BUILT, "", outputs, 1, self.started, stopped)
+
+    def _failure_text(self, status: int) -> str:
+        msg = f"builder for '{self.goal.drv_path}' {_status_text(status)}"
+        if self.tail:
+            msg += f";\nlast {len(self.tail)} log lines:\n"
+            msg += "".join(f"> {line}\n" for line in self.tail)
+            msg += f"For full logs, run '\x1b[1mnix log {self.goal.drv_path}\x1b[0m'."
+        return msg
+
+    def _failed(self, status, text, bits, stopped, *, keep: bool) -> g.Outcome:
+        if keep and self.r.keep_failed and self.build_dir:
+            os.chmod(self.build_dir, 0o755)
+            self.r.client.log(Verbosity.ERROR, f"note: keeping build directory '{self.build_dir}'")
+        else:
+            self._remove_build_dir()
+        for p in self.goal.output_paths.values():
+            if p and not self.r.db.is_valid(p):
+                remove_entry(self.r.store_fd, os.path.basename(self.r.layout.real_path(p)))
+        return g.Outcome(status, text, {}, 1, self.started, stopped, bits)
+
+    def _remove_build_dir(self) -> None:
+        if self.build_dir:
+            parent, name = os.path.split(self.build_dir)
+            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                remove_entry(fd, name)
+            finally:
+                os.close(fd)
+            self.build_dir = None
+
+    def release(self) -> None:
+        if self.user is not None:
+            self.user.release()
+            self.user = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def _status_text(status: int) -> str:
+    if os.WIFEXITED(status):
+        return f"failed with exit code {os.WEXITSTATUS(status)}"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"failed due to signal {sig} ({signal.strsignal(sig)})"
+    return "died abnormally"
+
+
+def _make_build_dir(drv_path: str) -> str:
+    """``$TMPDIR/nix-build-<drv name>-<n>``, mode 0700 (spec local-store §8.2)."""
+    tmp = os.environ.get("TMPDIR") or "/tmp"
+    base = os.path.basename(drv_path).split("-", 1)[1]
+    n = 0
+    while True:
+        path = os.path.join(tmp, f"nix-build-{base}-{n}")
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            n += 1

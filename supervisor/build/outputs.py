@@ -1,0 +1,122 @@
+"""After a successful builder: check, canonicalise, scan and register outputs.
+
+For each output (spec local-store §8.7): it must exist; it must not be
+group- or world-writable nor owned by anyone but the build user; its
+metadata is made canonical; its references are found by scanning for the
+hash parts of the input closure and of the derivation's own outputs; a
+fixed output's content hash must match the derivation's.  All outputs
+are then registered in one transaction with the deriver, ``ultimate``
+and the signatures of ``secret-key-files``.  Process: session.
+
+Trust: the output trees were written by client-controlled code; every
+fact registered about them is computed here.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from nixwarden.shared import nar
+from nixwarden.shared.errors import StoreRefusal
+from nixwarden.shared.hashes import Hash, HashAlgo, HashSink
+from nixwarden.shared.storepath import ContentAddress
+from nixwarden.supervisor.build.canonical import canonicalise
+from nixwarden.supervisor.store.pathinfo import PathInfo
+
+
+class OutputRegistrar:
+    def __init__(self, realiser):
+        self.r = realiser
+
+    def input_closure(self, goal) -> set[str]:
+        """Every path the builder may refer to: the closure of its inputs."""
+        roots = set(goal.drv.input_srcs)
+        for dep in goal.deps:
+            for out in goal.drv.input_drvs.get(dep.drv_path, ()):
+                if dep.output_paths.get(out):
+                    roots.add(dep.output_paths[out])
+        return self.closure(roots)
+
+    def closure(self, roots) -> set[str]:
+        seen, todo = set(), list(roots)
+        while todo:
+            path = todo.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            info = self.r.db.query_path_info(path)
+            if info is not None:
+                todo.extend(info.references)
+        return seen
+
+    def register(self, goal, user) -> dict[str, str]:
+        """Register every output of ``goal``; return {output name: path}.
+
+        Raises:
+            StoreRefusal: a missing or suspicious output, a hash mismatch.
+        """
+        from nixwarden.supervisor.build.refscan import scan_references
+        outputs = {n: p for n, p in goal.output_paths.items() if p}
+        candidates = self.input_closure(goal) | set(outputs.values())
+        infos = []
+        for name, path in sorted(outputs.items()):
+            real = self.r.layout.real_path(path)
+            self._check_output(goal, name, path, real, user)
+            canonicalise(real, from_uid=user.uid if user else None)
+            ca = self._check_fixed(goal, name, path, real)
+            refs = scan_references(real, candidates, self.r.layout.store_dir)
+            nar_hash, nar_size = nar.nar_hash_of_path(real)
+            infos.append(PathInfo(path, goal.drv_path, f"sha256:{nar_hash.to_base16()}",
+                                  tuple(sorted(refs)), 0, nar_size, True,
+                                  self._sign(path, nar_hash, nar_size, refs), ca))
+        self.r.db.register_valid_paths(infos)
+        return outputs
+
+    def _check_output(self, goal, name, path, real, user) -> None:
+        try:
+            st = os.lstat(real)
+        except FileNotFoundError:
+            raise StoreRefusal(f"builder for '{goal.drv_path}' failed to produce output path "
+                               f"for output '{name}' at '{path}'") from None
+        writable = not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if writable or (user is not None and st.st_uid != user.uid):
+            raise StoreRefusal(f"suspicious ownership or permission on '{path}' for output "
+                               f"'{name}'; rejecting this build output")
+
+    def _check_fixed(self, goal, name, path, real) -> str | None:
+        out = goal.drv.outputs[name]
+        wanted = out.content_hash
+        if wanted is None:
+            return None
+        method = out.method
+        got = _content_hash(real, method, wanted.algo)
+        if got != wanted:
+            raise StoreRefusal(
+                f"hash mismatch in fixed-output derivation '{goal.drv_path}':\n"
+                f"  specified: {wanted.to_sri()}\n     got:    {got.to_sri()}")
+        return ContentAddress(method, got).render()
+
+    def _sign(self, path, nar_hash, nar_size, refs) -> tuple[str, ...]:
+        keys = self.r.session.secret_keys
+        if not keys:
+            return ()
+        from nixwarden.supervisor.store import signatures
+        fp = signatures.fingerprint(path, nar_hash, nar_size, sorted(refs))
+        return tuple(sorted(signatures.sign(k, fp) for k in keys))
+
+
+def _content_hash(real: str, method: str, algo: HashAlgo) -> Hash:
+    sink = HashSink(algo)
+    if method == "nar":
+        for chunk in nar.dump(real):
+            sink.update(chunk)
+        return sink.finish()
+    st = os.lstat(real)
+    if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o111:
+        raise StoreRefusal(f"output path '{real}' should be a non-executable regular file "
+                           "since recursive hashing is not enabled (outputHashMode=flat)")
+    with open(real, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sink.update(chunk)
+    return sink.finish()

@@ -1,0 +1,121 @@
+"""Everything a builder needs before it starts: user, directory, environment.
+
+Decides build user and sandboxing from the session's settings, writes the
+files the environment refers to (passAsFile, structured attributes,
+exportReferencesGraph) into the build directory, and returns the
+``spawn.Launch`` to run: the builder itself, bubblewrap around it, or a
+``builtin:`` builder.  Process: session.
+
+Trust: the derivation is client-controlled; the build directory belongs
+to the build user, and nothing here runs client code.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nixwarden.shared.errors import StoreRefusal
+from nixwarden.supervisor.build.spawn import Launch
+
+HOMELESS = "/homeless-shelter"
+
+
+class LaunchPreparer:
+    def __init__(self, realiser):
+        self.r = realiser
+        s = realiser.settings
+        self.group = s.get("build-users-group")
+        sandbox = s.get("sandbox")
+        self.sandbox_mode = sandbox  # True, False or "relaxed"
+        self.cores = int(s.get("cores")) or os.cpu_count() or 1
+        self.system = s.get("system")
+        self.extra_platforms = tuple(s.get("extra-platforms"))
+
+    # --- build users -------------------------------------------------------------
+
+    def needs_build_user(self) -> bool:
+        return bool(self.group) and os.geteuid() == 0
+
+    def acquire_build_user(self):
+        from nixwarden.supervisor.build import buildusers
+        return buildusers.acquire_build_user(self.group, self.r.layout.userpool_dir,
+                                             exclude_uid=os.geteuid())
+
+    def kill_build_user(self, user) -> None:
+        from nixwarden.supervisor.build import buildusers
+        buildusers.kill_user_processes(user.uid)
+
+    # --- the launch ----------------------------------------------------------------
+
+    def _check_platform(self, goal) -> None:
+        drv = goal.drv
+        if drv.platform in (self.system, "builtin") or drv.platform in self.extra_platforms:
+            return
+        if drv.is_builtin:
+            return
+        raise StoreRefusal(
+            f"a '{drv.platform}' with features {{}} is required to build "
+            f"'{goal.drv_path}', but I am a '{self.system}' with features {{}}")
+
+    def _sandboxed(self, goal) -> bool:
+        if self.sandbox_mode is True:
+            return True
+        if self.sandbox_mode == "relaxed":
+            return goal.drv.type().value not in ("fixed",) and \
+                goal.drv.env.get("__noChroot") != "1"
+        return False
+
+    def launch(self, goal, build_dir: str, user) -> Launch:
+        """Prepare ``build_dir`` and return how to start the builder."""
+        from nixwarden.supervisor.build.env import builder_env
+        self._check_platform(goal)
+        sandboxed = self._sandboxed(goal)
+        if not sandboxed and os.path.exists(HOMELESS):
+            raise StoreRefusal(f"home directory '{HOMELESS}' exists; please remove it to "
+                               "assure purity of builds without sandboxing")
+        build_top = "/build" if sandboxed else build_dir
+        outputs = {n: p for n, p in goal.output_paths.items() if p}
+        setup = builder_env(goal.drv, store_dir=self.r.layout.store_dir, build_top=build_top,
+                            cores=self.cores, output_paths=outputs,
+                            impure_env=os.environ, sandboxed=sandboxed,
+                            closure_info=self._closure_info)
+        self._write_files(build_dir, setup.files, user)
+        if sandboxed:
+            from nixwarden.supervisor.build import sandboxing
+            return sandboxing.launch(self.r, goal, build_dir, user, setup)
+        return self._plain_launch(goal, build_dir, user, setup)
+
+    def _plain_launch(self, goal, build_dir, user, setup) -> Launch:
+        drv = goal.drv
+        ids = {}
+        if user is not None:
+            ids = dict(uid=user.uid, gid=user.gid, groups=tuple(user.supplementary_gids))
+        if drv.is_builtin:
+            from nixwarden.supervisor.build import builtins
+            env = dict(setup.env)
+            return Launch([drv.builder], env, build_dir,
+                          builtin=lambda: builtins.run_builtin(drv.builder, env, outputs=goal.output_paths),
+                          **ids)
+        argv = [drv.builder] + list(setup.args)
+        return Launch(argv, setup.env, build_dir, **ids)
+
+    def _write_files(self, build_dir: str, files: dict[str, bytes], user) -> None:
+        for name, data in files.items():
+            path = os.path.join(build_dir, name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if user is not None:
+                os.chown(path, user.uid, user.gid)
+        if user is not None:
+            os.chown(build_dir, user.uid, user.gid)
+
+    def _closure_info(self, paths):
+        """What exportReferencesGraph and structured attrs say about ``paths``."""
+        closure = self.r.registrar.closure(paths)
+        out = []
+        for path in sorted(closure):
+            info = self.r.db.query_path_info(path)
+            if info is not None:
+                out.append(info)
+        return out

@@ -1,0 +1,249 @@
+"""Realising derived paths for one session: plan, schedule, build, report.
+
+``Realiser.build`` is BuildPaths / BuildPathsWithResults: it plans the
+goal graph (``goals.py``), runs up to ``max-jobs`` builds at a time in
+dependency order (``job.py``), and returns one ``Outcome`` per target.
+Builds by other sessions or other Nix processes are respected through
+the CppNix path locks: a locked output waits, then is re-checked.  The
+loop also watches the RPC channel, so a client that goes away stops its
+builds.  Process: session.
+
+Trust: targets and derivations come from a client.  Output paths are the
+ones recomputed from the derivation by ``shared.derivation_hash``; a
+derivation whose declared outputs differ never became valid.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import time
+
+from nixwarden.shared.derivation import parse_derivation
+from nixwarden.shared.errors import StoreRefusal
+from nixwarden.shared.rpc.channel import ChannelClosed
+from nixwarden.shared.storepath import StoreDir
+from nixwarden.shared.wire.ops import ActivityType, Verbosity
+from nixwarden.supervisor.build import goals as g
+from nixwarden.supervisor.build.job import BuildJob
+from nixwarden.supervisor.build.prepare import LaunchPreparer
+from nixwarden.supervisor.build.outputs import OutputRegistrar
+
+LOCK_RETRY = 0.1
+
+
+class ClientGone(ChannelClosed):
+    """The worker closed the RPC channel while builds ran."""
+
+
+class Realiser:
+    def __init__(self, session):
+        s = session.settings
+        self.session = session
+        self.layout = session.layout
+        self.db = session.db
+        self.temp_roots = session.temp_roots
+        self.store_dir = StoreDir(self.layout.store_dir)
+        self.store_fd = session.writer.store_fd
+        self.client = session.client_log
+        self.settings = s
+        self.max_jobs = int(s.get("max-jobs"))
+        self.keep_going = bool(s.get("keep-going"))
+        self.keep_failed = bool(s.get("keep-failed"))
+        self.max_silent_time = int(s.get("max-silent-time"))
+        self.build_timeout = int(s.get("timeout"))
+        self.log_lines = int(s.get("log-lines"))
+        self.keep_log = bool(s.get("keep-build-log"))
+        self.compress_log = bool(s.get("compress-build-log"))
+        self.preparer = LaunchPreparer(self)
+        self.registrar = OutputRegistrar(self)
+        self.builds_act = 0
+
+    # --- what the store says -------------------------------------------------------
+
+    def is_valid(self, path: str) -> bool:
+        return self.db.is_valid(path)
+
+    def read_derivation(self, drv_path: str):
+        sp = self.store_dir.parse(drv_path)
+        with open(self.layout.real_path(drv_path), "rb") as f:
+            text = f.read()
+        return parse_derivation(text, self.store_dir, sp.name[:-len(".drv")])
+
+    def output_paths(self, drv_path: str, drv) -> dict[str, str | None]:
+        known = self.db.query_derivation_outputs(drv_path)
+        return {name: known.get(name) or out.path for name, out in drv.outputs.items()}
+
+    def all_valid(self, goal: g.DrvGoal) -> bool:
+        paths = goal.output_paths.values()
+        return all(p and self.db.is_valid(p) for p in paths)
+
+    def wanted_valid(self, goal: g.DrvGoal) -> bool:
+        return all(goal.output_paths.get(o) and self.db.is_valid(goal.output_paths[o])
+                   for o in goal.wanted)
+
+    # --- build users (delegated) ---------------------------------------------------
+
+    def needs_build_user(self) -> bool:
+        return self.preparer.needs_build_user()
+
+    def acquire_build_user(self):
+        return self.preparer.acquire_build_user()
+
+    def kill_build_user(self, user) -> None:
+        self.preparer.kill_build_user(user)
+
+    def prepare_launch(self, goal, build_dir, user):
+        return self.preparer.launch(goal, build_dir, user)
+
+    def register_outputs(self, goal, user) -> dict[str, str]:
+        return self.registrar.register(goal, user)
+
+    # --- the entry point -----------------------------------------------------------
+
+    def build(self, targets: list[str], mode: int) -> list[tuple[str, g.Outcome]]:
+        """Realise every target; return (target, outcome) in request order."""
+        plan = g.Planner(self).plan(targets)
+        act = self.client.start(Verbosity.ERROR, ActivityType.REALISE)
+        self.builds_act = self.client.start(Verbosity.ERROR, ActivityType.BUILDS, "", (),
+                                            act)
+        try:
+            self._run(plan, mode)
+        finally:
+            self.client.stop(self.builds_act)
+            self.client.stop(act)
+        return [(text, self._target_outcome(target)) for text, target in plan.targets]
+
+    def _target_outcome(self, target) -> g.Outcome:
+        if isinstance(target, str):
+            if self.db.is_valid(target):
+                self.temp_roots.add(target)
+                return g.Outcome(g.ALREADY_VALID)
+            return g.Outcome(g.NO_SUBSTITUTERS,
+                             f"path '{target}' is required, but there is no substituter "
+                             "that can build it")
+        outcome = target.outcome
+        if outcome.ok:
+            outs = {o: target.output_paths[o] for o in sorted(target.wanted)
+                    if target.output_paths.get(o)}
+            return g.Outcome(outcome.status, "", outs, outcome.times_built,
+                             outcome.start_time, outcome.stop_time)
+        return outcome
+
+    # --- scheduling ----------------------------------------------------------------
+
+    def _run(self, plan: g.Plan, mode: int) -> None:
+        pending = [goal for goal in _topological(plan.goals.values())]
+        for goal in pending:
+            for p in goal.output_paths.values():
+                if p:
+                    self.temp_roots.add(p)
+        running: dict[int, BuildJob] = {}
+        waiting_until = 0.0
+        sel = selectors.DefaultSelector()
+        sel.register(self.session.channel.sock, selectors.EVENT_READ, None)
+        try:
+            while pending or running:
+                pending = self._start_ready(pending, running, sel)
+                if not running and pending and all(self._blocked(g_) for g_ in pending):
+                    time.sleep(LOCK_RETRY)
+                    continue
+                self._wait(sel, running, timeout=LOCK_RETRY if pending else 1.0)
+        except ClientGone:
+            for job in running.values():
+                job.kill()
+                job.finish()
+            raise
+        finally:
+            sel.close()
+
+    def _blocked(self, goal) -> bool:
+        return all(d.outcome is not None for d in goal.deps)
+
+    def _start_ready(self, pending, running, sel):
+        still = []
+        for goal in pending:
+            if any(d.outcome is None for d in goal.deps):
+                still.append(goal)
+                continue
+            failed = [d for d in goal.deps if not d.outcome.ok]
+            if failed:
+                goal.outcome = g.Outcome(g.DEPENDENCY_FAILED,
+                                         f"{len(failed)} dependencies of derivation "
+                                         f"'{goal.drv_path}' failed to build")
+                continue
+            if self._stopping():
+                goal.outcome = g.Outcome(g.MISC_FAILURE, "build cancelled")
+                continue
+            if self.wanted_valid(goal) and self.all_valid(goal):
+                goal.outcome = g.Outcome(g.ALREADY_VALID)
+                continue
+            if len(running) >= max(self.max_jobs, 0) or not self._try(goal, running, sel):
+                still.append(goal)
+        return still
+
+    def _stopping(self) -> bool:
+        return not self.keep_going and getattr(self, "_failed", False)
+
+    def _try(self, goal, running, sel) -> bool:
+        if self.max_jobs == 0:
+            goal.outcome = g.Outcome(g.MISC_FAILURE,
+                                     "unable to start any build; either increase '--max-jobs' "
+                                     "or enable remote builds")
+            return True
+        job = BuildJob(self, goal)
+        try:
+            started = job.try_start()
+        except StoreRefusal as exc:
+            job.release()
+            goal.outcome = g.Outcome(g.MISC_FAILURE, exc.message)
+            self._failed = True
+            return True
+        if started is None:
+            goal.outcome = g.Outcome(g.ALREADY_VALID)
+            return True
+        if not started:
+            return False
+        running[job.fd] = job
+        sel.register(job.fd, selectors.EVENT_READ, job)
+        return True
+
+    def _wait(self, sel, running, timeout: float) -> None:
+        for key, _ in sel.select(timeout):
+            job = key.data
+            if job is None:
+                if not self.session.channel.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    raise ClientGone()
+                continue
+            if not job.on_readable():
+                sel.unregister(job.fd)
+                del running[job.fd]
+                job.goal.outcome = job.finish()
+                if not job.goal.outcome.ok:
+                    self._failed = True
+        now = time.monotonic()
+        for job in list(running.values()):
+            job.check_timeouts(now)
+
+
+def _topological(goals) -> list[g.DrvGoal]:
+    order, seen = [], set()
+
+    def visit(goal):
+        stack = [(goal, iter(goal.deps))]
+        seen.add(id(goal))
+        while stack:
+            node, deps = stack[-1]
+            for dep in deps:
+                if id(dep) not in seen:
+                    seen.add(id(dep))
+                    stack.append((dep, iter(dep.deps)))
+                    break
+            else:
+                order.append(node)
+                stack.pop()
+
+    for goal in goals:
+        if id(goal) not in seen:
+            visit(goal)
+    return order

@@ -1,0 +1,79 @@
+"""Starting a builder process: pseudo-terminal, session, identity, exec.
+
+The child becomes a session leader, gets ``/dev/null`` as stdin and the
+pty's slave as stdout and stderr, enters the build directory, drops to
+the build user (when there is one), closes every other descriptor and
+execs the builder (or bubblewrap, or runs a ``builtin:`` builder in
+process).  Process: session (parent) and the forked builder child.
+
+Trust: the builder and its arguments come from a client's derivation;
+the child runs them only after giving up the daemon's identity.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import traceback
+import tty
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]  # argv[0] is the program to exec
+    env: dict[str, str]
+    cwd: str
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] = ()
+    builtin: object = None  # callable run in the child instead of exec
+
+
+def start(launch: Launch) -> tuple[int, int]:
+    """Fork the builder; return (pid, pty master fd)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    pid = os.fork()
+    if pid == 0:
+        os.close(master)
+        _child(launch, slave)
+    os.close(slave)
+    os.set_blocking(master, False)
+    return pid, master
+
+
+def _child(launch: Launch, slave: int) -> None:
+    code = 1
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(slave, 1)
+        os.dup2(slave, 2)
+        os.closerange(3, 1 << 16)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.chdir(launch.cwd)
+        if launch.uid is not None:
+            os.setgroups(list(launch.groups))
+            os.setgid(launch.gid)
+            os.setuid(launch.uid)
+        if launch.builtin is not None:
+            code = launch.builtin()
+        else:
+            argv = [os.path.basename(launch.argv[0])] + launch.argv[1:]
+            try:
+                os.execve(launch.argv[0], argv, launch.env)
+            except OSError as exc:
+                os.write(2, f"error: executing '{launch.argv[0]}': {exc.strerror}\n".encode())
+                code = 1
+    except BaseException as exc:  # report to the build log, never return
+        try:
+            msg = f"error: {exc}\n" if isinstance(exc, OSError) else traceback.format_exc()
+            os.write(2, msg.encode(errors="replace"))
+        except OSError:
+            pass
+    finally:
+        sys.stdout.flush() if sys.stdout else None
+        os._exit(code if isinstance(code, int) else 1)
