@@ -138,6 +138,7 @@ class _Early(_Store):
     def __call__(self, parser, namespace, values, option_string=None):
         if namespace.early is None:
             namespace.early = self.value
+            namespace.early_at = len(namespace.assignments)
 
 
 class _LogFormat(argparse.Action):
@@ -151,7 +152,7 @@ def _add_daemon_flags(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(stdio=False, trust_override=None, process_ops=False,
                         verbosity=VERBOSITY_INFO, log_format="raw",
                         print_build_logs=False, offline=False, refresh=False,
-                        readonly_mode=False, early=None, features_needed=[],
+                        readonly_mode=False, early=None, early_at=0, features_needed=[],
                         ignored=None)
     add = parser.add_argument
     add("--daemon", action=_Store, dest="ignored")
@@ -223,13 +224,12 @@ def _parse_top_level(argv, environ, euid, read_file) -> DaemonOptions:
 
 def _parse_daemon(args, environ, euid, read_file) -> DaemonOptions:
     program = f"{PROGRAM} daemon"
-    _reject_joined_flags(args, program)
     parser = config.build_parser(environ, read_file, prog=program)
     _add_daemon_flags(parser)
     try:
         namespace, rest = parser.parse_known_args(args, env_vars={})
     except argparse.ArgumentError as e:
-        raise _usage_exit(_nix_message(e, args), program) from None
+        raise _usage_exit(e.message, program) from None
     except _FatalFlag as e:
         raise _error_exit(str(e)) from None
     except ConfigError as e:
@@ -244,15 +244,6 @@ def _parse_daemon(args, environ, euid, read_file) -> DaemonOptions:
         raise CliExit(0, stdout=version_text(namespace.verbosity, environ))
     _check_features(namespace.features_needed, settings)
     return _options(namespace, settings, warnings)
-
-
-def _reject_joined_flags(args: list[str], program: str) -> None:
-    """Nix has no ``--flag=value`` form, and the hidden item flags are ours."""
-    for arg in args:
-        if arg == "--":
-            return
-        if arg.startswith("--") and ("=" in arg or arg.startswith(config.CONF_ITEM_PREFIX)):
-            raise _usage_exit(f"unrecognised flag '{arg}'", program)
 
 
 def _early_action(namespace, rest, args) -> str | None:
@@ -272,17 +263,6 @@ def _unknown_message(arg: str) -> str:
     return f"unexpected argument '{arg}'"
 
 
-def _nix_message(error: argparse.ArgumentError, args: list[str]) -> str:
-    """Nix's wording for argparse's missing-argument errors."""
-    message = error.message
-    if error.argument_name is None or "expected" not in message:
-        return message
-    names = error.argument_name.split("/")
-    typed = next((a for a in reversed(args) if a in names), names[-1])
-    count = 2 if "2 arguments" in message else 1
-    return f"flag '{typed}' requires {count} argument(s)"
-
-
 def _config_exit(error: ConfigError, program: str) -> CliExit:
     if error.usage:
         return _usage_exit(error.message, program)
@@ -290,14 +270,18 @@ def _config_exit(error: ConfigError, program: str) -> CliExit:
 
 
 def _settings(namespace, environ, euid, early, program):
-    """Apply all assignments; with ``--help``/``--version``, flag errors wait."""
+    """Apply all assignments; with ``--help``/``--version``, as far as that flag.
+
+    Nix handles flags in order and exits at ``--help``/``--version``, so
+    only errors in the layers and in flags before it are reported then.
+    """
+    assignments = namespace.assignments
+    if early is not None:
+        assignments = assignments[:namespace.early_at]
     try:
-        return config.settings_from_assignments(namespace.assignments, environ, euid)
+        return config.settings_from_assignments(assignments, environ, euid)
     except ConfigError as e:
-        if early is None or not e.origin.startswith("-"):
-            raise _config_exit(e, program) from None
-    from_files = [a for a in namespace.assignments if not a.origin.startswith("-")]
-    return config.settings_from_assignments(from_files, environ, euid)
+        raise _config_exit(e, program) from None
 
 
 def _check_features(needed: list[str], settings: Settings) -> None:

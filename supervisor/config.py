@@ -242,7 +242,7 @@ class _OptionAction(argparse.Action):
     """``--option NAME VALUE``: a bad value is only a warning (Nix 2.8)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        name, value = values
+        name, value = json.loads(values)      # bound by NixArgumentParser._bind
         _record(namespace, Assignment(name, value, "--option", strict=False))
 
 
@@ -282,10 +282,55 @@ def _legacy_int(text: str) -> str:
 
 
 class NixArgumentParser(configargparse.ArgumentParser):
-    """configargparse parser with the Nix configuration layers attached."""
+    """configargparse parser with the Nix configuration layers attached.
+
+    Nix flags take their arguments verbatim (``-j --version`` sets max-jobs
+    to ``--version``) and have no ``--flag=value`` form; before argparse
+    sees the user's arguments, each flag is bound to its arguments as one
+    ``--flag=<value>`` token (``--option``: a JSON pair), and user tokens of
+    that form are rejected.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.arity: dict[str, tuple[int, str]] = {}
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        count = {None: 1, 0: 0}.get(action.nargs, action.nargs)
+        longest = max(action.option_strings, key=len, default="")
+        for flag in action.option_strings:
+            self.arity[flag] = (count, longest)
+        return action
 
     def error(self, message):
         raise argparse.ArgumentError(None, message)
+
+    def parse_known_args(self, args=None, namespace=None, **kwargs):
+        return super().parse_known_args(self._bind(list(args or [])), namespace,
+                                        **kwargs)
+
+    def _bind(self, args: list[str]) -> list[str]:
+        bound, i = [], 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                return bound + args[i:]
+            if arg.startswith("--") and ("=" in arg or arg.startswith(CONF_ITEM_PREFIX)):
+                raise argparse.ArgumentError(None, f"unrecognised flag '{arg}'")
+            count, longest = self.arity.get(arg, (0, arg))
+            if count and i + count >= len(args):
+                raise argparse.ArgumentError(
+                    None, f"flag '{arg}' requires {count} argument(s)")
+            if count == 0:
+                bound.append(arg)
+                i += 1
+                continue
+            values = args[i + 1:i + 1 + count]
+            text = values[0] if count == 1 else json.dumps(values)
+            bound.append(f"{longest}={text}")
+            i += 1 + count
+        return bound
 
 
 def build_parser(environ: Mapping[str, str], read_file: ReadFile = read_text_file,
@@ -318,10 +363,11 @@ def _opener(source: ConfigSource, index: int, read_file: ReadFile):
     return open_source
 
 
-def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+def add_setting_arguments(parser: NixArgumentParser) -> None:
     """Add ``--option`` and one flag family per known setting (§5.2)."""
-    parser.add_argument("--option", nargs=2, action=_OptionAction,
-                        metavar=("NAME", "VALUE"), dest="conf_items")
+    parser.add_argument("--option", action=_OptionAction, metavar="NAME VALUE",
+                        dest="conf_items")
+    parser.arity["--option"] = (2, "--option")
     for spec in table.SETTINGS.values():
         _add_flags_for(parser, spec)
 
