@@ -1,4 +1,4 @@
-"""DerivationOutputs rows for a newly added ``.drv`` (spec local-store §2.4).
+"""DerivationOutputs rows for a newly added ``.drv`` (spec local-store §2.4, §4.4).
 
 When a derivation file becomes valid, Nix records each output whose path
 is statically known, and refuses a derivation whose declared outputs are
@@ -12,37 +12,33 @@ from __future__ import annotations
 
 import os
 
-from nixwarden.shared.errors import StoreRefusal
+from nixwarden.shared import derivation as drvmod
+from nixwarden.shared import derivation_hash
 
 
-def _read_drv(writer, path: str) -> str:
-    base = writer.store_dir.parse(path).base
-    fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=writer.store_fd)
+def read_drv(store_fd: int, store_dir, path: str) -> drvmod.Derivation:
+    """Parse the ``.drv`` at ``path`` (relative to the real store directory)."""
+    sp = store_dir.parse(path)
+    fd = os.open(sp.base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store_fd)
     with os.fdopen(fd, "rb") as f:
-        return f.read().decode("utf-8", "surrogateescape")
+        text = f.read()
+    return drvmod.parse_derivation(text, store_dir, sp.name[:-len(".drv")])
 
 
 def outputs_for_new_drv(writer, path: str) -> dict[str, dict[str, str]]:
     """``{drv path: {output name: output path}}`` for the DerivationOutputs table.
 
-    The new derivation has already been moved into place (not yet
-    registered); its inputs are valid store paths.
+    The new derivation is in place but not yet registered; its inputs are
+    valid store paths, read the same way.
 
     Raises:
-        StoreRefusal: unparsable derivation or wrong declared outputs.
+        DerivationError: an unparsable derivation or wrong declared outputs
+            (a ``StoreRefusal`` with Nix's message).
     """
-    from nixwarden.shared import derivation as drvmod
-    name = writer.store_dir.parse(path).name[:-len(".drv")]
-    text = _read_drv(writer, path)
-    try:
-        drv = drvmod.parse_derivation(text, writer.store_dir, name)
-        drvmod.check_outputs(drv, writer.store_dir,
-                             lambda p: drvmod.parse_derivation(
-                                 _read_drv(writer, p), writer.store_dir,
-                                 writer.store_dir.parse(p).name[:-len(".drv")]))
-    except drvmod.DerivationError:
-        raise
-    except (ValueError, OSError) as exc:
-        raise StoreRefusal(f"error parsing derivation '{path}': {exc}") from None
-    outputs = {out: o.path for out, o in drv.outputs.items() if o.path}
+    store_dir = writer.store_dir
+    drv = read_drv(writer.store_fd, store_dir, path)
+    derivation_hash.check_outputs(drv, store_dir,
+                                  lambda p: read_drv(writer.store_fd, store_dir, p),
+                                  drv_path=path)
+    outputs = {name: out.path for name, out in drv.outputs.items() if out.path}
     return {path: outputs} if outputs else {}
