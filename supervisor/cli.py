@@ -55,6 +55,10 @@ class DaemonOptions:
     readonly_mode: bool = False
     warnings: list[str] = field(default_factory=list)
 
+    def warning_lines(self) -> str:
+        """The warnings as Nix prints them on stderr (``warning: …`` lines)."""
+        return "".join(f"warning: {w}\n" for w in self.warnings)
+
 
 class CliExit(Exception):
     """Stop before running: print ``stdout``/``stderr``, exit with ``status``."""

@@ -137,6 +137,7 @@ def test_warnings_are_collected():
               files={"/conf/nix.conf": "other = 2\n"})
     assert o.warnings == ["error: option 'sandbox' has invalid value 'maybe'",
                           "unknown setting 'nosuch'", "unknown setting 'other'"]
+    assert o.warning_lines().splitlines()[1] == "warning: unknown setting 'nosuch'"
 
 
 def test_setting_flags_reach_settings():
