@@ -47,6 +47,30 @@ MAX_NAR_TOKEN = 32
 #: of a file in memory.
 NAR_DUMP_CHUNK = 256 * 1024
 
+# --- derivations (.drv ATerm) -------------------------------------------------
+
+#: Largest .drv text parsed, in bytes: the same cap as a protocol string,
+#: since a .drv arrives as one (AddTextToStore, AddToStore) and its env
+#: values (structured attributes, passAsFile contents) can be large.
+MAX_DRV_SIZE = MAX_STRING
+
+#: Most elements in any one list of a .drv (input derivations, input
+#: sources, args, env entries, an input's output names).  Large real ones
+#: (NixOS system closures) have thousands; each element costs Python objects
+#: well beyond its text size, so the size cap alone is not enough.
+MAX_DRV_LIST_ITEMS = 1_000_000
+
+#: Most outputs of one derivation.  Real ones have at most a few dozen;
+#: each output costs a store-path computation when outputs are checked.
+MAX_DRV_OUTPUTS = 1024
+
+# --- signing keys -------------------------------------------------------------
+
+#: Largest secret-key file read (``secret-key-files``).  A key file is one
+#: line of about 100 bytes; the cap only stops a misconfigured path (a log,
+#: a device) from being read whole.
+MAX_KEY_FILE = 64 * 1024
+
 # --- internal RPC (worker <-> session) ----------------------------------------
 
 #: Largest RPC frame payload.  Bulk data travels as Chunk frames well below
