@@ -138,6 +138,9 @@ class StoreClient:
         self._call(request, schema.Ok)
         return request.path
 
+    def add_indirect_root(self, link: str) -> None:
+        self._call(schema.AddIndirectRoot(link), schema.Ok)
+
     def add_signatures(self, path: str, sigs: list[str]) -> None:
         self._call(schema.AddSignatures(path, sigs), schema.Ok)
 

@@ -191,6 +191,12 @@ class BuildDerivation(_Msg, tag=54):
     mode: int
 
 
+class AddIndirectRoot(_Msg, tag=56):
+    """Record ``link`` (an absolute file-system path, not a store path) as an
+    indirect GC root."""
+    link: str
+
+
 Request = Union[
     SetOptions, IsValidPath, QueryValidPaths, QueryPathInfo, QueryReferrers,
     QueryPathFromHashPart, QueryAllValidPaths, QueryDeriver, QueryValidDerivers,
@@ -198,6 +204,7 @@ Request = Union[
     QuerySubstitutablePathInfos, QueryMissing, AddTempRoot, QueryRealisation,
     CheckNarReadable, AddToStoreNar, AddToStore, Chunk, End, AddSignatures,
     ImportPath, ImportPathMeta, BuildPaths, EnsurePath, BuildDerivation,
+    AddIndirectRoot,
 ]
 
 

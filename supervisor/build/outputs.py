@@ -63,7 +63,7 @@ class OutputRegistrar:
         for name, path in sorted(outputs.items()):
             real = self.r.layout.real_path(path)
             self._check_output(goal, name, path, real, user)
-            canonicalise(real, from_uid=user.uid if user else None)
+            canonicalise(real, from_uid=user.user.uid if user else None)
             ca = self._check_fixed(goal, name, path, real)
             refs = scan_references(real, candidates, self.r.layout.store_dir)
             nar_hash, nar_size = nar.nar_hash_of_path(real)
@@ -80,7 +80,7 @@ class OutputRegistrar:
             raise StoreRefusal(f"builder for '{goal.drv_path}' failed to produce output path "
                                f"for output '{name}' at '{path}'") from None
         writable = not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if writable or (user is not None and st.st_uid != user.uid):
+        if writable or (user is not None and st.st_uid != user.user.uid):
             raise StoreRefusal(f"suspicious ownership or permission on '{path}' for output "
                                f"'{name}'; rejecting this build output")
 

@@ -43,7 +43,7 @@ class LaunchPreparer:
 
     def kill_build_user(self, user) -> None:
         from nixwarden.supervisor.build import buildusers
-        buildusers.kill_user_processes(user.uid)
+        buildusers.kill_user_processes(user.user.uid)
 
     # --- the launch ----------------------------------------------------------------
 
@@ -73,12 +73,12 @@ class LaunchPreparer:
         if not sandboxed and os.path.exists(HOMELESS):
             raise StoreRefusal(f"home directory '{HOMELESS}' exists; please remove it to "
                                "assure purity of builds without sandboxing")
-        build_top = "/build" if sandboxed else build_dir
         outputs = {n: p for n, p in goal.output_paths.items() if p}
-        setup = builder_env(goal.drv, store_dir=self.r.layout.store_dir, build_top=build_top,
+        setup = builder_env(goal.drv, store_dir=self.r.layout.store_dir, build_top=build_dir,
                             cores=self.cores, output_paths=outputs,
                             impure_env=os.environ, sandboxed=sandboxed,
-                            closure_info=self._closure_info)
+                            input_paths=self.r.registrar.input_closure(goal),
+                            closure_info=self._closure_info, drv_path=goal.drv_path)
         self._write_files(build_dir, setup.files, user)
         if sandboxed:
             from nixwarden.supervisor.build import sandboxing
@@ -89,7 +89,8 @@ class LaunchPreparer:
         drv = goal.drv
         ids = {}
         if user is not None:
-            ids = dict(uid=user.uid, gid=user.gid, groups=tuple(user.supplementary_gids))
+            u = user.user
+            ids = dict(uid=u.uid, gid=u.gid, groups=tuple(u.supplementary_gids))
         if drv.is_builtin:
             from nixwarden.supervisor.build import builtins
             env = dict(setup.env)
@@ -106,16 +107,24 @@ class LaunchPreparer:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             if user is not None:
-                os.chown(path, user.uid, user.gid)
+                os.chown(path, user.user.uid, user.user.gid)
         if user is not None:
-            os.chown(build_dir, user.uid, user.gid)
+            os.chown(build_dir, user.user.uid, user.user.gid)
 
     def _closure_info(self, paths):
-        """What exportReferencesGraph and structured attrs say about ``paths``."""
+        """Nix's ``exportReferences``: the closure of ``paths`` and of the
+        outputs of every derivation in it, as ``refgraph`` wants it."""
         closure = self.r.registrar.closure(paths)
+        for drv in [p for p in closure if p.endswith(".drv")]:
+            outs = self.r.db.query_derivation_outputs(drv).values()
+            closure |= self.r.registrar.closure(o for o in outs if self.r.db.is_valid(o))
         out = []
         for path in sorted(closure):
             info = self.r.db.query_path_info(path)
-            if info is not None:
-                out.append(info)
+            if info is None:
+                out.append({"path": path, "valid": False})
+                continue
+            out.append({"path": path, "references": list(info.references),
+                        "narHash": info.nar_hash, "narSize": info.nar_size,
+                        "ca": info.ca, "deriver": info.deriver, "valid": True})
         return out

@@ -285,3 +285,9 @@ def on_ensure_path(session, req: schema.EnsurePath):
         raise StoreRefusal(f"path '{path}' does not exist and cannot be created")
     session.temp_roots.add(path)
     return schema.Ok()
+
+
+def on_add_indirect_root(session, req: schema.AddIndirectRoot):
+    from nixwarden.supervisor.store import roots
+    roots.add_indirect_root(session.layout.gcroots_dir, req.link)
+    return schema.Ok()

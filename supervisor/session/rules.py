@@ -45,6 +45,7 @@ RULES: dict[type, Rule] = {
     schema.ImportPath: Rule(h.on_import_path),
     schema.BuildPaths: Rule(h.on_build_paths),
     schema.EnsurePath: Rule(h.on_ensure_path),
+    schema.AddIndirectRoot: Rule(h.on_add_indirect_root),
     schema.ImportPathMeta: Rule(h.on_stray_stream),
     # Chunk and End are read by the upload handlers themselves; on their own
     # they are a violation.

@@ -5,6 +5,9 @@ AddTempRoot (11) and the obsolete SyncWithGC (13).  Process: worker.
 
 from __future__ import annotations
 
+import os
+
+from nixwarden.shared import limits
 from nixwarden.shared.wire import primitives as w
 from nixwarden.shared.wire.ops import Op
 from nixwarden.worker.ops import op, read_path
@@ -16,6 +19,16 @@ def add_temp_root(ctx):
 
     def run():
         ctx.store.add_temp_root(ctx.check_path(path))
+        return w.w_u64(1)
+    return run
+
+
+@op(Op.ADD_INDIRECT_ROOT)
+def add_indirect_root(ctx):
+    link = yield from w.string(limits.MAX_STORE_PATH)
+
+    def run():
+        ctx.store.add_indirect_root(os.path.normpath(os.path.join("/", link)))
         return w.w_u64(1)
     return run
 
