@@ -1,6 +1,8 @@
-"""Preparing a local build: what the builder is given and what it produced.
+"""Local builds (spec/local-store.md §8).
 
-Pure modules (spec/local-store.md §8) used by the supervisor's build code:
+Pure modules that prepare a build and examine its results (no processes,
+no store writes; ``refscan.rewrite_hashes`` writes only below the path
+it is given):
 
 * ``placeholders``: output placeholders and Nix's string rewriting;
 * ``structured``: ``__structuredAttrs``: ``.attrs.json`` / ``.attrs.sh``;
@@ -8,6 +10,15 @@ Pure modules (spec/local-store.md §8) used by the supervisor's build code:
 * ``env``: the builder's environment, arguments and build-directory files;
 * ``refscan``: reference scanning and hash rewriting of built outputs.
 
-Trust: every input here comes from a client-supplied derivation; nothing
-in this package starts a process or writes to the store.
+The other modules (planning, scheduling, spawning builders, registering
+outputs) say in their own docstrings which process runs them.
+
+Trust: derivations are client-supplied; ``BuildSetupError`` is how a
+derivation that Nix would refuse to set up is refused here.
 """
+
+from nixwarden.shared.errors import StoreRefusal
+
+
+class BuildSetupError(StoreRefusal):
+    """The derivation cannot be set up for building (message as Nix words it)."""
