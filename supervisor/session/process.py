@@ -63,17 +63,30 @@ def _public_keys(settings) -> dict:
         return {}
 
 
+def _db_identity(layout) -> tuple[int, int] | None:
+    try:
+        st = os.stat(layout.db_path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def session_main(ctl: socket.socket, layout, settings) -> None:
     """Body of a pooled session process (the target of its fork)."""
     _reset_signals()
     _close_inherited({ctl.fileno()})
     spawner.title("session (ready)")
-    db = StoreDB.open(layout, ensure_layout=False)
+    db, opened = StoreDB.open(layout, ensure_layout=True), _db_identity(layout)
     got = spawner.receive_assignment(ctl)
     ctl.close()
     if got is None:
         db.close()
         sys.exit(0)
+    if _db_identity(layout) != opened:
+        # The store was removed or replaced while this session waited in the
+        # pool (CppNix opens the store per connection, so tests rely on it).
+        db.close()
+        db = StoreDB.open(layout, ensure_layout=True)
     identity, rpc_fd = got
     spawner.title(f"session uid={identity.uid}")
     roots = TempRoots(layout)
