@@ -76,9 +76,12 @@ class PathView:
             if comp == "..":
                 resolved = resolved.rpartition("/")[0]
                 continue
-            if resolved and not stat.S_ISDIR(self.lstat(resolved).st_mode):
+            if resolved and not self._is_dir(resolved):
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), resolved)
             candidate = resolved + "/" + comp
+            if (self.store_dir + "/").startswith(candidate + "/"):
+                resolved = candidate  # the store directory and its parents
+                continue
             st = self.lstat(candidate)
             if not stat.S_ISLNK(st.st_mode):
                 resolved = candidate
@@ -91,6 +94,11 @@ class PathView:
             if target.startswith("/"):
                 resolved = ""
         return resolved or "/"
+
+    def _is_dir(self, path: str) -> bool:
+        if (self.store_dir + "/").startswith(path + "/"):
+            return True
+        return stat.S_ISDIR(self.lstat(path).st_mode)
 
     def stat(self, path: str) -> os.stat_result:
         """``stat`` (following links) of logical ``path``."""

@@ -26,6 +26,11 @@ fd/stdin/stdout/stderr links, a private devpts with ptmx) plus a tmpfs
 and (for sandboxed derivations) ``/etc/hosts`` as §8.6, and the
 ``sandbox-paths`` bind mounts.  After exec bwrap holds no capabilities.
 
+Differences from Nix 2.8: bwrap 0.8 has no ``--argv0``, so the builder's
+``argv[0]`` is its full path (Nix passes the base name); the NIS domain
+name is inherited rather than ``(none)``; non-directory inputs are bound,
+not hard-linked.
+
 ``/bin/sh``: Debian's ``/bin/sh`` is dash, which is dynamically linked
 against libc, so binding it alone gives a shell that cannot start.  Like
 Nix (whose default is a bundled static busybox) the default

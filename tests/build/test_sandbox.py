@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
