@@ -171,7 +171,9 @@ class EnsurePath(_Msg, tag=50):
     path: str
 
 
-class BasicOutput(_Msg, tag=52):
+class BasicOutput(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
+                  array_like=True):
+    """One output of a BuildDerivation request (not a message of its own)."""
     name: str
     path: str
     hash_algo: str

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+from nixwarden.shared.logtypes import ActivityType, ResultType, Verbosity  # noqa: F401
+
 WORKER_MAGIC_1 = 0x6E697863  # client hello, "cxin"
 WORKER_MAGIC_2 = 0x6478696F  # server hello, "oixd"
 EXPORT_MAGIC = 0x4558494E    # "NIXE", after each path of the export format
@@ -104,46 +106,6 @@ class Stderr(IntEnum):
     START_ACTIVITY = 0x53545254
     STOP_ACTIVITY = 0x53544F50
     RESULT = 0x52534C54
-
-
-class ActivityType(IntEnum):
-    UNKNOWN = 0
-    COPY_PATH = 100
-    FILE_TRANSFER = 101
-    REALISE = 102
-    COPY_PATHS = 103
-    BUILDS = 104
-    BUILD = 105
-    OPTIMISE_STORE = 106
-    VERIFY_PATHS = 107
-    SUBSTITUTE = 108
-    QUERY_PATH_INFO = 109
-    POST_BUILD_HOOK = 110
-    BUILD_WAITING = 111
-
-
-class ResultType(IntEnum):
-    FILE_LINKED = 100
-    BUILD_LOG_LINE = 101
-    UNTRUSTED_PATH = 102
-    CORRUPTED_PATH = 103
-    SET_PHASE = 104
-    PROGRESS = 105
-    SET_EXPECTED = 106
-    POST_BUILD_LOG_LINE = 107
-
-
-class Verbosity(IntEnum):
-    """Log levels as Nix >= 2.4 numbers them (spec §2.17)."""
-
-    ERROR = 0
-    WARN = 1
-    NOTICE = 2
-    INFO = 3
-    TALKATIVE = 4
-    CHATTY = 5
-    DEBUG = 6
-    VOMIT = 7
 
 
 class TrustedFlag(IntEnum):

@@ -19,7 +19,7 @@ import signal
 import time
 
 from nixwarden.shared.errors import StoreRefusal
-from nixwarden.shared.wire.ops import ActivityType, ResultType, Verbosity
+from nixwarden.shared.logtypes import ActivityType, ResultType, Verbosity
 from nixwarden.supervisor.build import goals as g
 from nixwarden.supervisor.build import spawn
 from nixwarden.supervisor.build.buildlog import BuildLogWriter

@@ -23,7 +23,7 @@ from nixwarden.shared.derivation import parse_derivation
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.rpc.channel import ChannelClosed
 from nixwarden.shared.storepath import StoreDir
-from nixwarden.shared.wire.ops import ActivityType, Verbosity
+from nixwarden.shared.logtypes import ActivityType, Verbosity
 from nixwarden.supervisor.build import goals as g
 from nixwarden.supervisor.build.job import BuildJob
 from nixwarden.supervisor.build.prepare import LaunchPreparer

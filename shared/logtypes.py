@@ -1,0 +1,50 @@
+"""Log levels, activity types and result types of Nix's logger.
+
+Both sides need them: the worker encodes them on the wire, the session
+emits activities while it builds (spec worker-protocol §2.17, §4.4).
+Imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ActivityType(IntEnum):
+    UNKNOWN = 0
+    COPY_PATH = 100
+    FILE_TRANSFER = 101
+    REALISE = 102
+    COPY_PATHS = 103
+    BUILDS = 104
+    BUILD = 105
+    OPTIMISE_STORE = 106
+    VERIFY_PATHS = 107
+    SUBSTITUTE = 108
+    QUERY_PATH_INFO = 109
+    POST_BUILD_HOOK = 110
+    BUILD_WAITING = 111
+
+
+class ResultType(IntEnum):
+    FILE_LINKED = 100
+    BUILD_LOG_LINE = 101
+    UNTRUSTED_PATH = 102
+    CORRUPTED_PATH = 103
+    SET_PHASE = 104
+    PROGRESS = 105
+    SET_EXPECTED = 106
+    POST_BUILD_LOG_LINE = 107
+
+
+class Verbosity(IntEnum):
+    """Log levels as Nix >= 2.4 numbers them (spec §2.17)."""
+
+    ERROR = 0
+    WARN = 1
+    NOTICE = 2
+    INFO = 3
+    TALKATIVE = 4
+    CHATTY = 5
+    DEBUG = 6
+    VOMIT = 7
