@@ -43,6 +43,7 @@ class BuildJob:
         self.started = 0
         self.last_output = 0.0
         self.timed_out = ""
+        self.after_exit = None
 
     # --- starting ------------------------------------------------------------------
 
@@ -81,6 +82,7 @@ class BuildJob:
             (goal.drv_path, "", 1, 1), self.r.builds_act)
         self.started = int(time.time())
         self.last_output = time.monotonic()
+        self.after_exit = launch.after_exit
         self.pid, self.fd = spawn.start(launch)
 
     # --- running -------------------------------------------------------------------
@@ -140,6 +142,8 @@ class BuildJob:
         if self.user is not None:
             self.r.kill_build_user(self.user)
         try:
+            if self.after_exit is not None:
+                self.after_exit()
             return self._outcome(status)
         finally:
             self.r.client.stop(self.act)

@@ -80,7 +80,7 @@ class LaunchPreparer:
                             input_paths=self.r.registrar.input_closure(goal),
                             closure_info=self._closure_info, drv_path=goal.drv_path)
         self._write_files(build_dir, setup.files, user)
-        if sandboxed:
+        if sandboxed and not goal.drv.is_builtin:
             from nixwarden.supervisor.build import sandboxing
             return sandboxing.launch(self.r, goal, build_dir, user, setup)
         return self._plain_launch(goal, build_dir, user, setup)
@@ -94,9 +94,10 @@ class LaunchPreparer:
         if drv.is_builtin:
             from nixwarden.supervisor.build import builtins
             env = dict(setup.env)
-            return Launch([drv.builder], env, build_dir,
-                          builtin=lambda: builtins.run_builtin(drv.builder, env, outputs=goal.output_paths),
-                          **ids)
+            out_map = {p: self.r.layout.real_path(p) for p in goal.output_paths.values() if p}
+            store_dir = self.r.layout.store_dir
+            return Launch([drv.builder], env, build_dir, **ids, builtin=lambda: builtins.run_builtin(
+                drv.builder, env, out_map, store_dir=store_dir))
         argv = [drv.builder] + list(setup.args)
         return Launch(argv, setup.env, build_dir, **ids)
 

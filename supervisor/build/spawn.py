@@ -29,6 +29,7 @@ class Launch:
     gid: int | None = None
     groups: tuple[int, ...] = ()
     builtin: object = None  # callable run in the child instead of exec
+    after_exit: object = None  # callable run by the session once the builder exited
 
 
 def start(launch: Launch) -> tuple[int, int]:
