@@ -16,14 +16,16 @@ signature policy follows the session's trust (spec worker-protocol §6).
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
+from nixwarden.shared import nar
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.hashes import Hash, HashAlgo
 from nixwarden.shared.storepath import (ContentAddress, ContentAddressMethod,
                                         StoreDir, StorePath)
-from nixwarden.supervisor.store.incoming import Incoming, temp_entry_name
+from nixwarden.supervisor.store.incoming import Incoming, NotRegularFile, temp_entry_name
 from nixwarden.supervisor.store.locks import PathLock
 from nixwarden.supervisor.store.pathinfo import PathInfo
 from nixwarden.supervisor.store.restore import remove_entry
@@ -70,11 +72,15 @@ class StoreWriter:
             for data in chunks:
                 incoming.feed(data)
             return name, incoming.finish()
-        except BaseException:
-            for _ in chunks:  # keep the worker's stream in sync, then fail
-                pass
-            incoming.abort()
-            raise
+        except BaseException as exc:
+            try:
+                _drain(chunks)  # keep the worker's stream in sync, then fail
+            finally:
+                incoming.abort()  # even when the client vanished while draining
+            refusal = _receive_refusal(exc)
+            if refusal is None:
+                raise
+            raise refusal from None
 
     # --- AddToStoreNar -----------------------------------------------------------
 
@@ -179,7 +185,10 @@ class StoreWriter:
             _drain(chunks)
             raise StoreRefusal(f"cannot add '{name}' with references: only text and "
                                "recursive sha256 content addresses may have references")
-        entry, got = self._receive(chunks, nar_input=nar_input, ca=method)
+        try:
+            entry, got = self._receive(chunks, nar_input=nar_input, ca=method)
+        except NotRegularFile:
+            raise StoreRefusal("regular file expected") from None  # CppNix's words
         try:
             ca = ContentAddress(method.method, got.ca_hash)
             path = self.store_dir.print(self.store_dir.make_path_from_ca(name, ca, refs, False))
@@ -216,6 +225,24 @@ class StoreWriter:
             return None
         from nixwarden.supervisor.store import drvoutputs
         return drvoutputs.outputs_for_new_drv(self, info.path)
+
+
+def _receive_refusal(exc: BaseException) -> StoreRefusal | None:
+    """The client's error for a failed receive, or None to let ``exc`` through.
+
+    The whole stream has been drained, so the connection is in sync and the
+    client can be told: a malformed NAR (``bad archive``, as CppNix words
+    it) or a full disk.  Anything else (the worker went away, a bug) ends
+    the session as before.
+    """
+    if isinstance(exc, nar.NarError):
+        return StoreRefusal(f"bad archive: {exc}")
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return StoreRefusal(f"writing to file: {os.strerror(exc.errno)}")
+    return None
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _drain(chunks) -> None:

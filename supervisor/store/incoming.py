@@ -29,6 +29,10 @@ TEMP_NAME = "nixwarden-tmp"
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+class NotRegularFile(StoreRefusal):
+    """Flat (or text) content whose NAR is not a single regular file."""
+
+
 @dataclass(frozen=True)
 class Received:
     nar_hash: Hash
@@ -90,13 +94,13 @@ class Incoming:
 
         Raises:
             NarError: the NAR ended early.
-            StoreRefusal: flat content that is not a single regular file.
+            NotRegularFile: flat content that is not a single regular file.
         """
         if not self.nar_input:
             return self._finish_flat()
         self.parser.feed(b"")
         if self.ca_sink and self.ca.method in ("flat", "text") and not self.flat_seen:
-            raise StoreRefusal("flat content must be a single regular file")
+            raise NotRegularFile("flat content must be a single regular file")
         nar_hash = self.nar_sink.finish()
         ca_hash = None
         if self.ca:
