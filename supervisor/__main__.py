@@ -45,6 +45,7 @@ def prepare_store(locations) -> StoreLayout:
 
 
 def run_daemon(opts) -> int:
+    os.umask(0o022)  # as Nix does at start-up: store objects are world-readable
     level = logs.setup(opts.verbosity, opts.log_format, os.environ)
     for line in opts.warnings:
         log.warning("%s", line)

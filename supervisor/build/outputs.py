@@ -92,10 +92,26 @@ class OutputRegistrar:
         method = out.method
         got = _content_hash(real, method, wanted.algo)
         if got != wanted:
+            self._keep_mismatched(goal, path, real, ContentAddress(method, got))
             raise StoreRefusal(
                 f"hash mismatch in fixed-output derivation '{goal.drv_path}':\n"
                 f"  specified: {wanted.to_sri()}\n     got:    {got.to_sri()}")
         return ContentAddress(method, got).render()
+
+    def _keep_mismatched(self, goal, path, real, ca: ContentAddress) -> None:
+        """Register what a fixed-output builder produced under the path its
+        actual hash gives, as Nix 2.8 does, so the work is not lost."""
+        store_dir = self.r.store_dir
+        actual = store_dir.print(store_dir.make_path_from_ca(goal.drv.name, ca, [], False))
+        if self.r.db.is_valid(actual):
+            return
+        self.r.temp_roots.add(actual)
+        canonicalise(real, from_uid=None)
+        os.rename(real, self.r.layout.real_path(actual))
+        nar_hash, nar_size = nar.nar_hash_of_path(self.r.layout.real_path(actual))
+        self.r.db.register_valid_paths([PathInfo(
+            actual, goal.drv_path, f"sha256:{nar_hash.to_base16()}", (), 0, nar_size,
+            True, (), ca.render())])
 
     def _sign(self, path, nar_hash, nar_size, refs) -> tuple[str, ...]:
         keys = self.r.session.secret_keys
