@@ -37,6 +37,14 @@ TRUST_FLAG = ProtocolVersion(1, 35)
 MAX_FEATURES = 64
 MAX_FEATURE_LEN = 256
 
+#: Ops after whose error the connection is closed.  Nix <= 2.23 clients
+#: ignore the error of NarFromPath (RemoteStore::narFromPath drops the
+#: exception returned by processStderr) and read on as if a NAR followed;
+#: kept open, the connection would hang.  Closed, they fail with
+#: "unexpected end-of-file", as with the C++ daemon, which drops the
+#: connection there too (spec worker-protocol §5.34).
+CLOSE_AFTER_ERROR = frozenset({Op.NAR_FROM_PATH})
+
 
 @dataclass(frozen=True)
 class ServerInfo:
@@ -119,7 +127,7 @@ def _serve_op(ctx: OpContext, code: int) -> bool:
     except StoreRefusal as exc:
         ctx.logger.error(exc.message, exc.exit_status)
         ctx.conn.flush()
-        return True
+        return code not in CLOSE_AFTER_ERROR
     if response is not None:
         ctx.logger.last()
         ctx.conn.write(response)

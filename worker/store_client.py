@@ -138,6 +138,17 @@ class StoreClient:
         self._call(request, schema.Ok)
         return request.path
 
+    def find_roots(self) -> list[tuple[str, str]]:
+        return self._call(schema.FindRoots(), schema.Roots).roots
+
+    def collect_garbage(self, action: int, paths: list[str], ignore_liveness: bool,
+                        max_freed: int) -> schema.GcResult:
+        req = schema.CollectGarbage(action, paths, ignore_liveness, max_freed)
+        return self._call(req, schema.GcResult)
+
+    def add_perm_root(self, path: str, link: str) -> str:
+        return self._call(schema.AddPermRoot(path, link), schema.Strings).items[0]
+
     def add_indirect_root(self, link: str) -> None:
         self._call(schema.AddIndirectRoot(link), schema.Ok)
 

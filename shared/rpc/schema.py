@@ -199,6 +199,22 @@ class AddIndirectRoot(_Msg, tag=56):
     link: str
 
 
+class FindRoots(_Msg, tag=58):
+    pass
+
+
+class CollectGarbage(_Msg, tag=60):
+    action: int  # 0 return live, 1 return dead, 2 delete dead, 3 delete specific
+    paths: list[str]
+    ignore_liveness: bool
+    max_freed: int
+
+
+class AddPermRoot(_Msg, tag=62):
+    path: str
+    link: str
+
+
 Request = Union[
     SetOptions, IsValidPath, QueryValidPaths, QueryPathInfo, QueryReferrers,
     QueryPathFromHashPart, QueryAllValidPaths, QueryDeriver, QueryValidDerivers,
@@ -206,7 +222,7 @@ Request = Union[
     QuerySubstitutablePathInfos, QueryMissing, AddTempRoot, QueryRealisation,
     CheckNarReadable, AddToStoreNar, AddToStore, Chunk, End, AddSignatures,
     ImportPath, ImportPathMeta, BuildPaths, EnsurePath, BuildDerivation,
-    AddIndirectRoot,
+    AddIndirectRoot, FindRoots, CollectGarbage, AddPermRoot,
 ]
 
 
@@ -315,10 +331,19 @@ class ActivityResult(_Msg, tag=35):
     fields: list[int | str]
 
 
+class Roots(_Msg, tag=37):
+    roots: list[tuple[str, str]]  # (link, store path)
+
+
+class GcResult(_Msg, tag=39):
+    paths: list[str]
+    bytes_freed: int
+
+
 Reply = Union[
     Ok, Bool, Paths, OptPath, PathInfo, MaybePathInfo, OutputMap, SubstitutableInfos,
     Missing, Warnings, Strings, Failure, LogLine, BuildResult, BuildResults,
-    StartActivity, StopActivity, ActivityResult,
+    StartActivity, StopActivity, ActivityResult, Roots, GcResult,
 ]
 
 #: Every type id, for review: requests even, replies odd.

@@ -291,3 +291,41 @@ def on_add_indirect_root(session, req: schema.AddIndirectRoot):
     from nixwarden.supervisor.store import roots
     roots.add_indirect_root(session.layout.gcroots_dir, req.link)
     return schema.Ok()
+
+
+
+# --- garbage collection --------------------------------------------------------------
+
+def on_find_roots(session, req: schema.FindRoots):
+    from nixwarden.supervisor.store.gcroots import RootFinder
+    roots = RootFinder(session.layout, session.db).all(censor=not session.identity.trusted)
+    return schema.Roots(sorted((link, path) for path, links in roots.items() for link in links))
+
+
+def on_collect_garbage(session, req: schema.CollectGarbage):
+    from nixwarden.supervisor.store import gc
+    if req.action not in (gc.RETURN_LIVE, gc.RETURN_DEAD, gc.DELETE_DEAD, gc.DELETE_SPECIFIC):
+        raise WorkerViolation(f"unknown GC action {req.action}")
+    if req.ignore_liveness:
+        raise StoreRefusal("you are not allowed to ignore liveness")
+    paths = _paths(session, req.paths)
+    s = session.settings
+    collector = gc.Collector(session.layout, session.db,
+                             keep_outputs=bool(s.get("keep-outputs")),
+                             keep_derivations=bool(s.get("keep-derivations")),
+                             log=lambda text: session.client_log.log(3, text))
+    done, freed = collector.collect(req.action, paths, req.max_freed)
+    return schema.GcResult(done, freed)
+
+
+def on_add_perm_root(session, req: schema.AddPermRoot):
+    from nixwarden.supervisor.store import roots
+    path = _paths(session, [req.path])[0]
+    link = roots.check_link_path(req.link)
+    if session.store_dir.is_in_store(link):
+        raise StoreRefusal(f"creating a garbage collector root ({link}) in the Nix store "
+                           "is forbidden (are you running nix-build inside the store?)")
+    session.temp_roots.add(path)
+    roots.make_perm_root(link, path, session.store_dir)
+    roots.add_indirect_root(session.layout.gcroots_dir, link)
+    return schema.Strings([link])

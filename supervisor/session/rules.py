@@ -46,6 +46,12 @@ RULES: dict[type, Rule] = {
     schema.BuildPaths: Rule(h.on_build_paths),
     schema.EnsurePath: Rule(h.on_ensure_path),
     schema.AddIndirectRoot: Rule(h.on_add_indirect_root),
+    schema.FindRoots: Rule(h.on_find_roots),
+    schema.CollectGarbage: Rule(h.on_collect_garbage),
+    # CppNix refuses AddPermRoot for untrusted clients: the daemon would
+    # create the link as root wherever the client names.
+    schema.AddPermRoot: Rule(h.on_add_perm_root, trusted_only=True,
+                             refusal="you are not privileged to create perm roots"),
     schema.ImportPathMeta: Rule(h.on_stray_stream),
     # Chunk and End are read by the upload handlers themselves; on their own
     # they are a violation.

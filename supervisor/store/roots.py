@@ -44,3 +44,15 @@ def replace_symlink(location: str, target: str) -> None:
 
 def add_indirect_root(gcroots_dir: str, link: str) -> None:
     replace_symlink(indirect_root_location(gcroots_dir, check_link_path(link)), link)
+
+
+def make_perm_root(link: str, path: str, store_dir) -> None:
+    """Create ``link`` → ``path``, refusing to clobber what is not a root.
+
+    Raises:
+        StoreRefusal: ``link`` exists and is not a symlink into the store.
+    """
+    if os.path.lexists(link):
+        if not os.path.islink(link) or not store_dir.is_in_store(os.readlink(link)):
+            raise StoreRefusal(f"cannot create symlink '{link}'; already exists")
+    replace_symlink(link, path)

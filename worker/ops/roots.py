@@ -40,3 +40,41 @@ def sync_with_gc(ctx):
     def run():
         return w.w_u64(1)
     return run
+
+
+@op(Op.FIND_ROOTS)
+def find_roots(ctx):
+    yield from ()
+
+    def run():
+        roots = ctx.store.find_roots()
+        return w.w_u64(len(roots)) + b"".join(w.w_str(link) + w.w_str(path)
+                                              for link, path in roots)
+    return run
+
+
+@op(Op.COLLECT_GARBAGE)
+def collect_garbage(ctx):
+    action = yield from w.u32()
+    paths = yield from w.strings(max_len=limits.MAX_STORE_PATH)
+    ignore_liveness = yield from w.boolean()
+    max_freed = yield from w.u64()
+    for _ in range(3):
+        yield from w.u64()  # obsolete fields
+
+    def run():
+        result = ctx.store.collect_garbage(action, ctx.check_paths(paths), ignore_liveness,
+                                           max_freed)
+        return w.w_string_set(result.paths) + w.w_u64(result.bytes_freed) + w.w_u64(0)
+    return run
+
+
+@op(Op.ADD_PERM_ROOT)
+def add_perm_root(ctx):
+    path = yield from w.string(limits.MAX_STORE_PATH)
+    link = yield from w.string(limits.MAX_STORE_PATH)
+
+    def run():
+        ctx.check_path(path)
+        return w.w_str(ctx.store.add_perm_root(path, os.path.normpath(os.path.join("/", link))))
+    return run

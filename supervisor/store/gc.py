@@ -1,0 +1,297 @@
+"""The garbage collector (spec local-store §6.3), safe against every Nix process.
+
+Takes ``gc.lock`` exclusively, serves ``gc-socket/socket`` so processes
+that add temporary roots meanwhile are heard (and wait if their path is
+being deleted right now), finds the roots, then walks the store: a path
+is garbage only if nothing reachable from it through referrers (and
+derivers or outputs, per ``keep-derivations``/``keep-outputs``) is a root.
+Garbage is invalidated in the database and deleted referrers first; each
+path is first renamed to a trash name so a crash never leaves a half
+deleted valid path.  Process: session.
+
+Trust: the request (action, paths, limit) comes from a client through a
+worker; paths were checked by the session, liveness can never be ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+from collections import deque
+
+from nixwarden.shared.errors import StoreRefusal
+from nixwarden.shared.storepath import BadStorePath, StoreDir, StorePath
+from nixwarden.supervisor.store.gcroots import RootFinder
+from nixwarden.supervisor.store.locks import gc_lock
+from nixwarden.supervisor.store.restore import remove_entry
+
+RETURN_LIVE, RETURN_DEAD, DELETE_DEAD, DELETE_SPECIFIC = 0, 1, 2, 3
+
+
+class LimitReached(Exception):
+    pass
+
+
+class RootsServer:
+    """The GC socket: temporary roots announced while the collector runs."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.hash_parts: set[str] = set()
+        self.pending: str | None = None
+        self.cond = threading.Condition()
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        os.chmod(path, 0o666)
+        self.sock.listen(64)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            for raw in lines:
+                path = raw.rstrip(b"\n").decode(errors="replace")
+                hash_part = os.path.basename(path)[:32]
+                with self.cond:
+                    self.hash_parts.add(hash_part)
+                    while self.pending == hash_part:
+                        self.cond.wait()
+                try:
+                    conn.sendall(b"1")
+                except OSError:
+                    return
+
+    def set_pending(self, hash_part: str | None) -> None:
+        with self.cond:
+            self.pending = hash_part
+            self.cond.notify_all()
+
+    def is_temp_root(self, hash_part: str) -> bool:
+        with self.cond:
+            return hash_part in self.hash_parts
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class Collector:
+    def __init__(self, layout, db, *, keep_outputs: bool, keep_derivations: bool, log):
+        self.layout = layout
+        self.db = db
+        self.store_dir = StoreDir(layout.store_dir)
+        self.keep_outputs = keep_outputs
+        self.keep_derivations = keep_derivations
+        self.log = log
+        self.alive: set[str] = set()
+        self.dead: set[str] = set()
+        self.results: list[str] = []
+        self.bytes_freed = 0
+
+    def collect(self, action: int, paths: list[str], max_freed: int) -> tuple[list[str], int]:
+        deleting = action in (DELETE_DEAD, DELETE_SPECIFIC)
+        if deleting:
+            _unlink_quietly(os.path.join(self.layout.db_dir, "reserved"))
+        with gc_lock(self.layout, exclusive=True):
+            self.server = RootsServer(self.layout.gc_socket_path)
+            try:
+                self._collect_locked(action, paths, max_freed, deleting)
+            finally:
+                self.server.close()
+        if action == RETURN_LIVE:
+            return sorted(self.alive), 0
+        if action == RETURN_DEAD:
+            return sorted(self.dead), 0
+        if deleting:
+            self._delete_unused_links()
+        return self.results, self.bytes_freed
+
+    def _collect_locked(self, action, paths, max_freed, deleting) -> None:
+        self.log("finding garbage collector roots...")
+        finder = RootFinder(self.layout, self.db)
+        self.roots = set(finder.permanent()) | set(finder.runtime(censor=True))
+        for path in finder.temporary(censor=True):
+            self.server.hash_parts.add(os.path.basename(path)[:32])
+            self.roots.add(path)
+        self.deleting, self.action, self.max_freed = deleting, action, max_freed
+        self.requested = set(paths)
+        self.log("deleting garbage..." if deleting else "determining live/dead paths...")
+        try:
+            if action == DELETE_SPECIFIC:
+                for path in paths:
+                    self._visit(path)
+                    if path not in self.dead:
+                        raise StoreRefusal(
+                            f"Cannot delete path '{path}' since it is still alive. "
+                            "To find out why, use: nix-store --query --roots")
+            elif max_freed > 0:
+                self._sweep()
+        except LimitReached:
+            pass
+
+    def _sweep(self) -> None:
+        with os.scandir(self.layout.real_store_dir) as entries:
+            names = [e.name for e in entries if e.name != ".links"]
+        for name in names:
+            try:
+                sp = StorePath.from_base(name)
+            except (BadStorePath, ValueError):
+                if self.deleting:
+                    self._delete_entry(name)
+                continue
+            self._visit(self.store_dir.print(sp))
+
+    # --- the walk ------------------------------------------------------------------
+
+    def _visit(self, start: str) -> None:
+        visited, todo = {start}, deque([start])
+        while todo:
+            path = todo.popleft()
+            if path in self.alive:
+                self.alive.add(start)
+                return
+            if path in self.dead:
+                continue
+            if path in self.roots or self.server.is_temp_root(os.path.basename(path)[:32]):
+                self._mark_alive(path, start)
+                return
+            if self.action == DELETE_SPECIFIC and path not in self.requested:
+                return
+            for nxt in self._edges(path):
+                if nxt not in visited:
+                    visited.add(nxt)
+                    todo.append(nxt)
+        for path in self._referrers_first(visited):
+            if path in self.dead:
+                continue
+            self.dead.add(path)
+            if self.deleting:
+                self._delete_path(path)
+
+    def _edges(self, path: str) -> list[str]:
+        if not self.db.is_valid(path):
+            return []
+        out = list(self.db.query_referrers(path))
+        if self.keep_derivations and path.endswith(".drv"):
+            for o in self.db.query_derivation_outputs(path).values():
+                if self.db.is_valid(o) and self.db.query_deriver(o) == path:
+                    out.append(o)
+        if self.keep_outputs:
+            out.extend(self.db.query_valid_derivers(path))
+        return out
+
+    def _mark_alive(self, path: str, start: str) -> None:
+        self.alive.add(start)
+        todo = [path]
+        while todo:
+            p = todo.pop()
+            if p in self.alive and p != start:
+                continue
+            self.alive.add(p)
+            info = self.db.query_path_info(p)
+            if info is None:
+                continue
+            todo.extend(r for r in info.references if r not in self.alive)
+            if self.keep_derivations and info.deriver and self.db.is_valid(info.deriver):
+                todo.append(info.deriver)
+            if self.keep_outputs and p.endswith(".drv"):
+                todo.extend(o for o in self.db.query_derivation_outputs(p).values()
+                            if self.db.is_valid(o))
+
+    def _referrers_first(self, paths: set[str]) -> list[str]:
+        """Order ``paths`` so that every referrer comes before what it refers to."""
+        refs = {p: [r for r in (self.db.query_references(p) if self.db.is_valid(p) else [])
+                    if r in paths and r != p] for p in paths}
+        incoming = {p: 0 for p in paths}
+        for p in paths:
+            for r in refs[p]:
+                incoming[r] += 1
+        ready = deque(sorted(p for p, n in incoming.items() if n == 0))
+        order = []
+        while ready:
+            p = ready.popleft()
+            order.append(p)
+            for r in refs[p]:
+                incoming[r] -= 1
+                if incoming[r] == 0:
+                    ready.append(r)
+        return order + sorted(set(paths) - set(order))
+
+    # --- deleting --------------------------------------------------------------------
+
+    def _delete_path(self, path: str) -> None:
+        hash_part = os.path.basename(path)[:32]
+        self.server.set_pending(hash_part)
+        try:
+            if self.server.is_temp_root(hash_part):
+                return
+            if self.db.is_valid(path):
+                self.db.invalidate_path(path)
+            self._delete_entry(os.path.basename(path))
+        finally:
+            self.server.set_pending(None)
+
+    def _delete_entry(self, name: str) -> None:
+        store_fd = os.open(self.layout.real_store_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if not os.path.lexists(os.path.join(self.layout.real_store_dir, name)):
+                return
+            self.log(f"deleting '{self.store_dir}/{name}'")
+            trash = f".nixwarden-trash-{secrets.token_hex(8)}"
+            os.rename(name, trash, src_dir_fd=store_fd, dst_dir_fd=store_fd)
+            self.bytes_freed += _freed_bytes(os.path.join(self.layout.real_store_dir, trash))
+            remove_entry(store_fd, trash)
+        finally:
+            os.close(store_fd)
+        self.results.append(f"{self.store_dir}/{name}")
+        if self.bytes_freed > self.max_freed:
+            self.log(f"deleted more than {self.max_freed} bytes; stopping")
+            raise LimitReached()
+
+    def _delete_unused_links(self) -> None:
+        links = os.path.join(self.layout.real_store_dir, ".links")
+        if not os.path.isdir(links):
+            return
+        self.log("deleting unused links...")
+        for entry in os.scandir(links):
+            if entry.stat(follow_symlinks=False).st_nlink == 1:
+                os.unlink(entry.path)
+
+
+def _freed_bytes(path: str) -> int:
+    """What deleting ``path`` frees, counted as Nix does (last or second link)."""
+    total = 0
+    st = os.lstat(path)
+    if not os.path.isdir(path) or os.path.islink(path):
+        return st.st_size if st.st_nlink <= 2 else 0
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            s = os.lstat(os.path.join(root, name))
+            if s.st_nlink <= 2:
+                total += s.st_size
+    return total
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
