@@ -53,8 +53,8 @@ def nixwarden(nixenv):
 def nix_daemon_factory():
     started = []
 
-    def start(env, *args):
-        d = start_nix_daemon(env, *args)
+    def start(env, *args, **kwargs):
+        d = start_nix_daemon(env, *args, **kwargs)
         started.append(d)
         return d
     yield start

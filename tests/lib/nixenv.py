@@ -70,7 +70,8 @@ class NixEnv:
         return os.path.join(self.root, "etc/nix.conf")
 
     def run(self, *args, remote: str = "daemon", check: bool = True, input=None,
-            user: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+            user: str | None = None, env: dict | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
         """Run a Nix client command against this store."""
         full_env = dict(self.env, NIX_REMOTE=remote, **(env or {}))
         cmd = list(args)
@@ -78,7 +79,7 @@ class NixEnv:
             cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
                    "--"] + cmd
         proc = subprocess.run(cmd, env=full_env, capture_output=True, input=input,
-                              timeout=120)
+                              timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"{cmd} failed ({proc.returncode}):\n{proc.stderr.decode(errors='replace')}")
@@ -101,11 +102,14 @@ class NixEnv:
 class Daemon:
     """A daemon process serving one ``NixEnv``."""
 
-    def __init__(self, nixenv: NixEnv, cmd: list[str], *, extra_env=None, args=()):
+    def __init__(self, nixenv: NixEnv, cmd: list[str], *, extra_env=None, args=(),
+                 socket_path: str | None = None):
         self.nixenv = nixenv
+        self.socket_path = socket_path or nixenv.socket_path
         self.cmd = list(cmd) + list(args)
         self.log_path = os.path.join(nixenv.root, f"daemon-{os.getpid()}-{time.time_ns()}.log")
-        env = dict(nixenv.env, **(extra_env or {}))
+        env = dict(nixenv.env, NIX_DAEMON_SOCKET_PATH=self.socket_path)
+        env.update(extra_env or {})
         env.pop("NIX_REMOTE", None)
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log,
@@ -118,7 +122,7 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 break
-            if _accepts(self.nixenv.socket_path):
+            if _accepts(self.socket_path):
                 return self
             time.sleep(0.02)
         raise AssertionError(f"daemon did not start:\n{self.output()}")
@@ -145,12 +149,16 @@ class Daemon:
         return self.proc.returncode
 
 
-def start_nixwarden(nixenv: NixEnv, *args, extra_env=None) -> Daemon:
-    return Daemon(nixenv, nixwarden_cmd(), args=args, extra_env=extra_env).wait_ready()
+def start_nixwarden(nixenv: NixEnv, *args, extra_env=None, socket_path=None) -> Daemon:
+    """nixwarden on ``nixenv``'s store, at its socket or at ``socket_path``."""
+    return Daemon(nixenv, nixwarden_cmd(), args=args, extra_env=extra_env,
+                  socket_path=socket_path).wait_ready()
 
 
-def start_nix_daemon(nixenv: NixEnv, *args) -> Daemon:
-    return Daemon(nixenv, ["nix-daemon"], args=args).wait_ready()
+def start_nix_daemon(nixenv: NixEnv, *args, socket_path=None) -> Daemon:
+    """The real nix-daemon on ``nixenv``'s store (both may serve one store at
+    once, at different sockets, for queries)."""
+    return Daemon(nixenv, ["nix-daemon"], args=args, socket_path=socket_path).wait_ready()
 
 
 def _accepts(path: str) -> bool:
