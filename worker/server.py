@@ -103,6 +103,9 @@ def serve(conn: ClientConnection, store, info: ServerInfo) -> int:
             code = conn.read(w.u32(), at_boundary=True)
         except ClientGone:
             return served
+        except ClientProtocolError as exc:  # an op code above 2^32
+            _fail(ctx, str(exc))
+            return served
         served += 1
         if not _serve_op(ctx, code):
             return served
