@@ -78,6 +78,7 @@ class Planner:
         if goal is None:
             if not self.view.is_valid(drv_path):
                 raise StoreRefusal(f"cannot build missing derivation '{drv_path}'")
+            self.view.temp_roots.add(drv_path)
             drv = self.view.read_derivation(drv_path)
             goal = DrvGoal(drv_path, drv, self.view.output_paths(drv_path, drv), set())
             self.goals[drv_path] = goal

@@ -22,6 +22,7 @@ from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.hashes import Hash, HashAlgo, HashSink
 from nixwarden.shared.storepath import ContentAddress
 from nixwarden.supervisor.build.canonical import canonicalise
+from nixwarden.supervisor.build.outputchecks import check_outputs
 from nixwarden.supervisor.store.pathinfo import PathInfo
 
 
@@ -45,6 +46,7 @@ class OutputRegistrar:
             if path in seen:
                 continue
             seen.add(path)
+            self.r.temp_roots.add(path)
             info = self.r.db.query_path_info(path)
             if info is not None:
                 todo.extend(info.references)
@@ -59,7 +61,7 @@ class OutputRegistrar:
         from nixwarden.supervisor.build.refscan import scan_references
         outputs = {n: p for n, p in goal.output_paths.items() if p}
         candidates = self.input_closure(goal) | set(outputs.values())
-        infos = []
+        infos = {}
         for name, path in sorted(outputs.items()):
             real = self.r.layout.real_path(path)
             self._check_output(goal, name, path, real, user)
@@ -67,10 +69,11 @@ class OutputRegistrar:
             ca = self._check_fixed(goal, name, path, real)
             refs = scan_references(real, candidates, self.r.layout.store_dir)
             nar_hash, nar_size = nar.nar_hash_of_path(real)
-            infos.append(PathInfo(path, goal.drv_path, f"sha256:{nar_hash.to_base16()}",
-                                  tuple(sorted(refs)), 0, nar_size, True,
-                                  self._sign(path, nar_hash, nar_size, refs), ca))
-        self.r.db.register_valid_paths(infos)
+            infos[name] = PathInfo(path, goal.drv_path, f"sha256:{nar_hash.to_base16()}",
+                                   tuple(sorted(refs)), 0, nar_size, True,
+                                   self._sign(path, nar_hash, nar_size, refs), ca)
+        check_outputs(goal, infos, self.r.store_dir, self.r.db.query_path_info)
+        self.r.db.register_valid_paths(list(infos.values()))
         return outputs
 
     def _check_output(self, goal, name, path, real, user) -> None:

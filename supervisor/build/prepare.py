@@ -96,8 +96,9 @@ class LaunchPreparer:
             env = dict(setup.env)
             out_map = {p: self.r.layout.real_path(p) for p in goal.output_paths.values() if p}
             store_dir = self.r.layout.store_dir
+            mirrors = tuple(self.r.settings.get("hashed-mirrors"))
             return Launch([drv.builder], env, build_dir, **ids, builtin=lambda: builtins.run_builtin(
-                drv.builder, env, out_map, store_dir=store_dir))
+                drv.builder, env, out_map, store_dir=store_dir, hashed_mirrors=mirrors))
         argv = [drv.builder] + list(setup.args)
         return Launch(argv, setup.env, build_dir, **ids)
 

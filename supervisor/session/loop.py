@@ -35,6 +35,14 @@ def dispatch(session, request):
         return rule.handler(session, request)
     except StoreRefusal as exc:
         return schema.Failure(exc.message, exc.exit_status)
+    except (WorkerViolation, ChannelClosed):
+        raise
+    except Exception as exc:
+        # A bug on our side: tell the client what failed, then end this
+        # session (its state may be inconsistent); the daemon carries on.
+        log.exception("internal error serving %s", type(request).__name__)
+        session.broken = True
+        return schema.Failure(f"internal error in nixwarden: {exc}", 1)
 
 
 def serve(session, channel: Channel) -> int:
@@ -65,6 +73,8 @@ def serve(session, channel: Channel) -> int:
             channel.send(reply)
         except OSError:
             return 0
+        if getattr(session, "broken", False):
+            return 3
 
 
 def _violation(session, what: str, exc: Exception) -> None:

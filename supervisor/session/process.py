@@ -76,16 +76,20 @@ def session_main(ctl: socket.socket, layout, settings) -> None:
     _reset_signals()
     _close_inherited({ctl.fileno()})
     spawner.title("session (ready)")
-    db, opened = StoreDB.open(layout, ensure_layout=True), _db_identity(layout)
+    # A pooled session opens an existing database early but never creates
+    # anything before it has a connection (CppNix opens the store per
+    # connection; a store removed meanwhile must not be recreated by us).
+    opened = _db_identity(layout)
+    db = StoreDB.open(layout, ensure_layout=False) if opened else None
     got = spawner.receive_assignment(ctl)
     ctl.close()
     if got is None:
-        db.close()
+        if db is not None:
+            db.close()
         sys.exit(0)
-    if _db_identity(layout) != opened:
-        # The store was removed or replaced while this session waited in the
-        # pool (CppNix opens the store per connection, so tests rely on it).
-        db.close()
+    if db is None or _db_identity(layout) != opened:
+        if db is not None:
+            db.close()
         db = StoreDB.open(layout, ensure_layout=True)
     identity, rpc_fd = got
     spawner.title(f"session uid={identity.uid}")
