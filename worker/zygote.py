@@ -35,6 +35,7 @@ class Zygote:
         self.ctl = ctl
         self.worker_main = worker_main
         self.ready: list[tuple[int, socket.socket]] = []
+        self.busy: set[int] = set()
         self.crashes = 0
 
     def _fork_ready(self) -> None:
@@ -74,6 +75,7 @@ class Zygote:
         if not self.ready:
             self._fork_ready()
         pid, sock = self.ready.pop(0)
+        self.busy.add(pid)
         try:
             handover.send_handover(sock, assignment, fds)
         except OSError as exc:
@@ -93,9 +95,21 @@ class Zygote:
             if pid == 0:
                 return
             self.ready = [(p, s) for p, s in self.ready if p != pid]
+            self.busy.discard(pid)
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) in CRASH_SIGNALS:
                 self.crashes += 1
                 log.warning("worker %d crashed (signal %d)", pid, os.WTERMSIG(status))
+
+    def _stop_workers(self) -> None:
+        """The supervisor is stopping (our control socket ended): end every
+        worker, busy ones too, or an idle client would keep its worker alive
+        after the daemon is gone.  (Not on EXIT_REPLACE: a replaced zygote's
+        busy workers finish their connections.)"""
+        for pid in list(self.busy) + [p for p, _ in self.ready]:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def run(self) -> int:
         setproctitle("nixwarden worker-zygote")
@@ -115,6 +129,7 @@ class Zygote:
                         break
                 self._reap()
             if self.ctl in readable and not self._dispatch():
+                self._stop_workers()
                 return 0
             if self.crashes >= limits.ZYGOTE_MAX_CRASHES:
                 log.error("%d worker crashes: asking for a fresh zygote", self.crashes)
