@@ -1,0 +1,167 @@
+"""Start-up and shutdown of the socket daemon (daemon-behaviour §2.2, DESIGN §4).
+
+Stop signals end the daemon with status 0, remove the socket file and
+leave none of its processes behind; start-up replaces a stale socket
+file, creates the socket's directory, makes the socket 0666, warns about
+unknown settings and refuses bad values as nix-daemon does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+
+from conftest import needs_nix
+from lib.nixenv import Daemon, NixEnv, new_root, nixwarden_cmd, start_nixwarden
+from lib.wclient import WClient
+
+pytestmark = [needs_nix, pytest.mark.interop]
+
+
+@pytest.fixture
+def env():
+    root = new_root()
+    yield NixEnv(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def descendants(pid: int) -> set[int]:
+    """All live processes below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, or a zombie nobody has reaped yet (still counts as left over)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return bool(f.read())
+    except OSError:
+        return False
+
+
+def titles(pids) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out.append(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+        except OSError:
+            pass
+    return out
+
+
+def wait_gone(pids, timeout: float = 10.0) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = {p for p in pids if alive(p)}
+        if not left:
+            return left
+        time.sleep(0.05)
+    return left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_stop_signal_cleans_up(env, sig):
+    daemon = start_nixwarden(env)
+    env.run("nix", "store", "ping")
+    kids = descendants(daemon.pid)
+    assert any("nixwarden worker-zygote" in t for t in titles(kids)), titles(kids)
+    assert daemon.stop(sig) == 0, daemon.output()
+    assert not os.path.exists(env.socket_path)
+    left = wait_gone(kids)
+    assert not left, titles(left)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_stop_signal_with_a_client_connected(env, sig):
+    """An open, idle connection does not keep the daemon's processes alive."""
+    path = env.add_text("x.txt", "x")
+    daemon = start_nixwarden(env)
+    client = WClient(daemon.socket_path)
+    assert client.is_valid_path(path) is True
+    kids = descendants(daemon.pid)
+    assert any(t.startswith("nixwarden worker uid=") for t in titles(kids)), titles(kids)
+    try:
+        assert daemon.stop(sig) == 0, daemon.output()
+        assert not os.path.exists(env.socket_path)
+        left = wait_gone(kids)
+        assert not left, titles(left)
+        client.sock.settimeout(10)
+        assert client.sock.recv(1) == b""  # the client sees its connection end
+    finally:
+        client.close()
+
+
+def test_stale_socket_file_is_replaced(env):
+    os.makedirs(os.path.dirname(env.socket_path), exist_ok=True)
+    with open(env.socket_path, "w") as f:
+        f.write("stale")
+    daemon = start_nixwarden(env)
+    try:
+        assert stat.S_ISSOCK(os.lstat(env.socket_path).st_mode)
+        assert env.run("nix", "store", "ping").returncode == 0
+    finally:
+        daemon.stop()
+
+
+def test_socket_mode_and_parent_directory(env):
+    sock_dir = os.path.dirname(env.socket_path)
+    shutil.rmtree(sock_dir, ignore_errors=True)
+    daemon = start_nixwarden(env)
+    try:
+        assert os.path.isdir(sock_dir)
+        assert stat.S_IMODE(os.lstat(env.socket_path).st_mode) == 0o666
+        assert env.run("nix", "store", "ping").returncode == 0
+    finally:
+        daemon.stop()
+
+
+def test_unknown_setting_warns_and_starts(env):
+    with open(env.conf_path, "a") as f:
+        f.write("foo = bar\n")
+    daemon = Daemon(env, nixwarden_cmd()).wait_ready()
+    try:
+        assert env.run("nix", "store", "ping").returncode == 0
+    finally:
+        daemon.stop()
+    assert "warning: unknown setting 'foo'" in daemon.output().splitlines()
+
+
+@pytest.mark.parametrize("line,setting", [("max-jobs = lots", "max-jobs"),
+                                          ("sandbox = maybe", "sandbox"),
+                                          ("cores = -x", "cores")])
+def test_invalid_value_is_fatal_like_nix_daemon(env, line, setting):
+    with open(env.conf_path, "a") as f:
+        f.write(line + "\n")
+    daemon_env = dict(env.env)
+    daemon_env.pop("NIX_REMOTE")
+    results = []
+    for cmd, name in ((["nix-daemon"], "nix-daemon"), (nixwarden_cmd(), "nixwarden daemon")):
+        proc = subprocess.run(cmd, env=daemon_env, capture_output=True, timeout=30)
+        lines = proc.stderr.decode().splitlines()
+        assert lines[-1] == f"Try '{name} --help' for more information."
+        results.append((proc.returncode, lines[-2]))
+    assert results[0][0] == 1 and f"'{setting}'" in results[0][1]
+    assert results[1] == results[0]
+    assert not os.path.exists(env.socket_path)
