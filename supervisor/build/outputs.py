@@ -116,8 +116,18 @@ class OutputRegistrar:
             actual, goal.drv_path, f"sha256:{nar_hash.to_base16()}", (), 0, nar_size,
             True, (), ca.render())])
 
+    def _secret_keys(self):
+        """The keys of ``secret-key-files`` (read once per build request)."""
+        if not hasattr(self, "_keys"):
+            from nixwarden.supervisor.store import signatures
+            self._keys = []
+            for name in self.r.settings.get("secret-key-files"):
+                with open(name) as f:
+                    self._keys.append(signatures.parse_secret_key(f.read()))
+        return self._keys
+
     def _sign(self, path, nar_hash, nar_size, refs) -> tuple[str, ...]:
-        keys = self.r.session.secret_keys
+        keys = self._secret_keys()
         if not keys:
             return ()
         from nixwarden.supervisor.store import signatures

@@ -27,7 +27,6 @@ class Session:
     writer: object = None  # supervisor.store.adding.StoreWriter
     channel: object = None  # shared.rpc.channel.Channel, set by the loop
     client_log: object = None  # session.clientlog.ClientLog, set by the loop
-    secret_keys: tuple = ()  # signing keys from secret-key-files
     store_dir: StoreDir = field(init=False)
     requests: int = 0
 
