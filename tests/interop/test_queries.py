@@ -74,13 +74,7 @@ COMMANDS = {
 
 
 #: Commands whose nixwarden result is known to differ, with the reason.
-XFAIL = {
-    "outputs-built": "EnsurePath (op 10) not implemented: nix-store -q --outputs reads "
-                     "the .drv through Store::derivationFromPath, which calls ensurePath",
-    "outputs-unbuilt": "EnsurePath (op 10) not implemented (see outputs-built)",
-    "why-depends": "BuildPathsWithResults (op 46) not implemented: nix why-depends 2.8 "
-                   "realises its installables even when they are valid",
-}
+XFAIL: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
