@@ -138,6 +138,15 @@ class StoreClient:
         self._call(request, schema.Ok)
         return request.path
 
+    def optimise_store(self) -> None:
+        self._call(schema.OptimiseStore(), schema.Ok)
+
+    def verify_store(self, check_contents: bool, repair: bool) -> bool:
+        return self._call(schema.VerifyStore(check_contents, repair), schema.Bool).value
+
+    def add_build_log(self, drv_path: str, chunks) -> None:
+        self._stream(schema.AddBuildLog(drv_path), chunks, schema.Ok)
+
     def find_roots(self) -> list[tuple[str, str]]:
         return self._call(schema.FindRoots(), schema.Roots).roots
 

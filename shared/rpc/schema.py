@@ -215,6 +215,20 @@ class AddPermRoot(_Msg, tag=62):
     link: str
 
 
+class OptimiseStore(_Msg, tag=64):
+    pass
+
+
+class VerifyStore(_Msg, tag=66):
+    check_contents: bool
+    repair: bool
+
+
+class AddBuildLog(_Msg, tag=68):
+    """A build log for ``drv_path``; the log follows as Chunk frames and End."""
+    drv_path: str
+
+
 Request = Union[
     SetOptions, IsValidPath, QueryValidPaths, QueryPathInfo, QueryReferrers,
     QueryPathFromHashPart, QueryAllValidPaths, QueryDeriver, QueryValidDerivers,
@@ -222,7 +236,8 @@ Request = Union[
     QuerySubstitutablePathInfos, QueryMissing, AddTempRoot, QueryRealisation,
     CheckNarReadable, AddToStoreNar, AddToStore, Chunk, End, AddSignatures,
     ImportPath, ImportPathMeta, BuildPaths, EnsurePath, BuildDerivation,
-    AddIndirectRoot, FindRoots, CollectGarbage, AddPermRoot,
+    AddIndirectRoot, FindRoots, CollectGarbage, AddPermRoot, OptimiseStore,
+    VerifyStore, AddBuildLog,
 ]
 
 

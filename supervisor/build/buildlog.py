@@ -38,3 +38,25 @@ class BuildLogWriter:
         if self._bz is not None:
             self._file.write(self._bz.flush())
         self._file.close()
+
+
+def store_build_log(log_dir: str, drv_base: str, chunks, *, compress: bool) -> None:
+    """Store a log a client uploaded (AddBuildLog): written to a temporary
+    name and renamed into place; an existing log is kept (spec §8.9)."""
+    final = log_path(log_dir, drv_base, compress)
+    if os.path.exists(final):
+        for _ in chunks:
+            pass
+        return
+    writer = BuildLogWriter(log_dir, drv_base, compress)
+    temp = f"{final}.tmp.{os.getpid()}"
+    os.rename(writer.path, temp)
+    try:
+        for data in chunks:
+            writer.write(data)
+        writer.close()
+        os.rename(temp, final)
+    except BaseException:
+        writer.close()
+        os.unlink(temp)
+        raise

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import subprocess
 import time
 
 from nixwarden.shared.errors import StoreRefusal
@@ -163,6 +164,10 @@ class BuildJob:
             return self._failed(g.OUTPUT_REJECTED if bits else g.MISC_FAILURE, exc.message,
                                 bits, stopped, keep=False)
         self._remove_build_dir()
+        try:
+            run_post_build_hook(self.r, self.goal.drv_path, outputs.values())
+        except StoreRefusal as exc:
+            return g.Outcome(g.MISC_FAILURE, exc.message, {}, 1, self.started, stopped)
         return g.Outcome(g.BUILT, "", outputs, 1, self.started, stopped)
 
     def _failure_text(self, status: int) -> str:
@@ -224,3 +229,30 @@ def _make_build_dir(drv_path: str) -> str:
             return path
         except FileExistsError:
             n += 1
+
+
+def run_post_build_hook(r, drv_path: str, outputs) -> None:
+    """Run the ``post-build-hook`` program, as nix-daemon does after each build.
+
+    Raises:
+        StoreRefusal: the hook failed (the build counts as failed).
+    """
+    hook = r.settings.get("post-build-hook")
+    if not hook:
+        return
+    env = dict(os.environ, DRV_PATH=drv_path, OUT_PATHS=" ".join(sorted(outputs)),
+               NIX_CONFIG="".join(f"{name} = {r.settings.raw(name)}\n"
+                                  for name in sorted(r.settings.values)))
+    act = r.client.start(Verbosity.INFO, ActivityType.POST_BUILD_HOOK,
+                         f"running post-build-hook '{hook}'", (drv_path,), r.builds_act)
+    try:
+        proc = subprocess.run([hook], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for line in proc.stdout.decode(errors="replace").splitlines():
+            r.client.result(act, ResultType.POST_BUILD_LOG_LINE, (line,))
+    except OSError as exc:
+        raise StoreRefusal(f"executing '{hook}': {exc.strerror}") from None
+    finally:
+        r.client.stop(act)
+    if proc.returncode != 0:
+        raise StoreRefusal(f"program '{hook}' {_status_text(proc.returncode << 8)}")

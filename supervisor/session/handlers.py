@@ -329,3 +329,37 @@ def on_add_perm_root(session, req: schema.AddPermRoot):
     roots.make_perm_root(link, path, session.store_dir)
     roots.add_indirect_root(session.layout.gcroots_dir, link)
     return schema.Strings([link])
+
+
+
+# --- maintenance -----------------------------------------------------------------------
+
+def on_optimise_store(session, req: schema.OptimiseStore):
+    from nixwarden.supervisor.store import optimise
+    optimise.optimise_store(session.layout, session.db,
+                            lambda text: session.client_log.log(3, text))
+    return schema.Ok()
+
+
+def on_verify_store(session, req: schema.VerifyStore):
+    from nixwarden.supervisor.store import verify
+    if req.repair and not session.identity.trusted:
+        raise StoreRefusal("you are not privileged to repair paths")
+    errors = verify.verify_store(session.layout, session.db, check_contents=req.check_contents,
+                                 repair=req.repair,
+                                 log=lambda level, text: session.client_log.log(level, text))
+    return schema.Bool(errors)
+
+
+def on_add_build_log(session, req: schema.AddBuildLog):
+    from nixwarden.supervisor.build.buildlog import store_build_log
+    drv = session.store_path(req.drv_path)
+    store_build_log(session.layout.log_dir, drv.base, session.stream(),
+                    compress=bool(session.settings.get("compress-build-log")))
+    return schema.Ok()
+
+
+def _refuse_build_log(session, req: schema.AddBuildLog):
+    for _ in session.stream():  # keep the stream in sync before refusing
+        pass
+    raise StoreRefusal("you are not privileged to add logs")

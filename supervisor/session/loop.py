@@ -31,8 +31,11 @@ def dispatch(session, request):
         raise WorkerViolation(f"no rule for {type(request).__name__}")
     if rule.trusted_only and not session.identity.trusted:
         return schema.Failure(rule.refusal, 1)
+    handler = rule.handler
+    if rule.untrusted is not None and not session.identity.trusted:
+        handler = rule.untrusted
     try:
-        return rule.handler(session, request)
+        return handler(session, request)
     except StoreRefusal as exc:
         return schema.Failure(exc.message, exc.exit_status)
     except (WorkerViolation, ChannelClosed):

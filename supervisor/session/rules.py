@@ -19,6 +19,7 @@ class Rule:
     handler: Callable
     trusted_only: bool = False
     refusal: str = ""
+    untrusted: Callable | None = None  # what an untrusted session gets instead
 
 
 RULES: dict[type, Rule] = {
@@ -48,6 +49,9 @@ RULES: dict[type, Rule] = {
     schema.AddIndirectRoot: Rule(h.on_add_indirect_root),
     schema.FindRoots: Rule(h.on_find_roots),
     schema.CollectGarbage: Rule(h.on_collect_garbage),
+    schema.OptimiseStore: Rule(h.on_optimise_store),
+    schema.VerifyStore: Rule(h.on_verify_store),
+    schema.AddBuildLog: Rule(h.on_add_build_log, untrusted=h._refuse_build_log),
     # CppNix refuses AddPermRoot for untrusted clients: the daemon would
     # create the link as root wherever the client names.
     schema.AddPermRoot: Rule(h.on_add_perm_root, trusted_only=True,

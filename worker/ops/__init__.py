@@ -78,4 +78,4 @@ def w_opt_path(path: str | None) -> bytes:
 def register_all() -> None:
     """Import every op module so its handlers register themselves."""
     from nixwarden.worker.ops import (  # noqa: F401
-        add, build, export, nar, options, queries, roots)
+        add, build, export, maintenance, nar, options, queries, roots)
