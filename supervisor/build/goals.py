@@ -47,6 +47,7 @@ class DrvGoal:
     deps: list["DrvGoal"] = field(default_factory=list)
     dependents: list["DrvGoal"] = field(default_factory=list)
     outcome: Outcome | None = None
+    check: bool = False  # --check: rebuild valid outputs and compare
 
     @property
     def name(self) -> str:

@@ -56,7 +56,7 @@ class BuildJob:
         if not self.lock.acquire(wait=False):
             self.lock = None
             return False
-        if self.r.all_valid(self.goal):
+        if self.r.all_valid(self.goal) and not self.goal.check:
             self.release()
             return None
         if self.r.needs_build_user():
@@ -69,13 +69,13 @@ class BuildJob:
 
     def _launch(self) -> None:
         goal = self.goal
-        for p in goal.output_paths.values():
-            if p:
-                self.r.temp_roots.add(p)
-                real = self.r.layout.real_path(p)
-                remove_entry(self.r.store_fd, os.path.basename(real))
+        self.build_outputs = {n: (self.r.scratch_path(goal, p) if goal.check else p)
+                              for n, p in goal.output_paths.items() if p}
+        for p in self.build_outputs.values():
+            self.r.temp_roots.add(p)
+            remove_entry(self.r.store_fd, os.path.basename(self.r.layout.real_path(p)))
         self.build_dir = _make_build_dir(goal.drv_path)
-        launch = self.r.prepare_launch(goal, self.build_dir, self.user)
+        launch = self.r.prepare_launch(goal, self.build_dir, self.user, self.build_outputs)
         self.log = BuildLogWriter(self.r.layout.log_dir, os.path.basename(goal.drv_path),
                                   self.r.compress_log) if self.r.keep_log else None
         self.act = self.r.client.start(
@@ -158,11 +158,16 @@ class BuildJob:
             return self._failed(g.PERMANENT_FAILURE, self._failure_text(status), 0x04, stopped,
                                 keep=True)
         try:
-            outputs = self.r.register_outputs(self.goal, self.user)
+            if self.goal.check:
+                outputs = self.r.check_outputs(self.goal, self.build_outputs, self.r.keep_failed)
+            else:
+                outputs = self.r.register_outputs(self.goal, self.user)
         except StoreRefusal as exc:
             bits = 0x02 if "hash mismatch" in exc.message else 0
-            return self._failed(g.OUTPUT_REJECTED if bits else g.MISC_FAILURE, exc.message,
-                                bits, stopped, keep=False)
+            status = g.OUTPUT_REJECTED if bits else g.MISC_FAILURE
+            if "may not be deterministic" in exc.message:
+                bits, status = 0x08, g.NOT_DETERMINISTIC
+            return self._failed(status, exc.message, bits, stopped, keep=False)
         self._remove_build_dir()
         try:
             run_post_build_hook(self.r, self.goal.drv_path, outputs.values())
@@ -184,8 +189,8 @@ class BuildJob:
             self.r.client.log(Verbosity.ERROR, f"note: keeping build directory '{self.build_dir}'")
         else:
             self._remove_build_dir()
-        for p in self.goal.output_paths.values():
-            if p and not self.r.db.is_valid(p):
+        for p in getattr(self, "build_outputs", {}).values():
+            if not self.r.db.is_valid(p):
                 remove_entry(self.r.store_fd, os.path.basename(self.r.layout.real_path(p)))
         return g.Outcome(status, text, {}, 1, self.started, stopped, bits)
 

@@ -76,7 +76,40 @@ class OutputRegistrar:
         self.r.db.register_valid_paths(list(infos.values()))
         return outputs
 
-    def _check_output(self, goal, name, path, real, user) -> None:
+    def check(self, goal, build_outputs: dict[str, str], keep: bool) -> dict[str, str]:
+        """``--check``: compare a rebuild (at scratch paths) with the valid outputs.
+
+        Raises:
+            StoreRefusal: an output differs ("may not be deterministic"),
+                or a fixed output's hash does not match.
+        """
+        from nixwarden.supervisor.build.refscan import rewrite_hashes
+        outputs = {}
+        for name, scratch in sorted(build_outputs.items()):
+            final = goal.output_paths[name]
+            real, real_final = self.r.layout.real_path(scratch), self.r.layout.real_path(final)
+            self._check_output(goal, name, final, real, None, check_owner=False)
+            rewrite_hashes(real, {_hash_part(scratch): _hash_part(final)})
+            canonicalise(real, from_uid=None)
+            try:
+                self._check_fixed(goal, name, final, real, keep_mismatch=False)
+                got, _ = nar.nar_hash_of_path(real)
+                want = Hash.parse(self.r.db.query_path_info(final).nar_hash)
+                if got != want:
+                    detail = ""
+                    if keep:
+                        os.rename(real, real_final + ".check")
+                        detail = f" from '{final}.check'"
+                    raise StoreRefusal(f"derivation '{goal.drv_path}' may not be deterministic: "
+                                       f"output '{final}' differs{detail}")
+            finally:
+                if os.path.lexists(real):
+                    from nixwarden.supervisor.store.restore import remove_entry
+                    remove_entry(self.r.store_fd, os.path.basename(real))
+            outputs[name] = final
+        return outputs
+
+    def _check_output(self, goal, name, path, real, user, check_owner=True) -> None:
         try:
             st = os.lstat(real)
         except FileNotFoundError:
@@ -87,7 +120,7 @@ class OutputRegistrar:
             raise StoreRefusal(f"suspicious ownership or permission on '{path}' for output "
                                f"'{name}'; rejecting this build output")
 
-    def _check_fixed(self, goal, name, path, real) -> str | None:
+    def _check_fixed(self, goal, name, path, real, keep_mismatch: bool = True) -> str | None:
         out = goal.drv.outputs[name]
         wanted = out.content_hash
         if wanted is None:
@@ -95,7 +128,8 @@ class OutputRegistrar:
         method = out.method
         got = _content_hash(real, method, wanted.algo)
         if got != wanted:
-            self._keep_mismatched(goal, path, real, ContentAddress(method, got))
+            if keep_mismatch:
+                self._keep_mismatched(goal, path, real, ContentAddress(method, got))
             raise StoreRefusal(
                 f"hash mismatch in fixed-output derivation '{goal.drv_path}':\n"
                 f"  specified: {wanted.to_sri()}\n     got:    {got.to_sri()}")
@@ -149,3 +183,7 @@ def _content_hash(real: str, method: str, algo: HashAlgo) -> Hash:
         while chunk := f.read(1 << 20):
             sink.update(chunk)
     return sink.finish()
+
+
+def _hash_part(path: str) -> str:
+    return os.path.basename(path)[:32]

@@ -65,7 +65,7 @@ class LaunchPreparer:
                 goal.drv.env.get("__noChroot") != "1"
         return False
 
-    def launch(self, goal, build_dir: str, user) -> Launch:
+    def launch(self, goal, build_dir: str, user, build_outputs: dict[str, str]) -> Launch:
         """Prepare ``build_dir`` and return how to start the builder."""
         from nixwarden.supervisor.build.env import builder_env
         self._check_platform(goal)
@@ -73,7 +73,7 @@ class LaunchPreparer:
         if not sandboxed and os.path.exists(HOMELESS):
             raise StoreRefusal(f"home directory '{HOMELESS}' exists; please remove it to "
                                "assure purity of builds without sandboxing")
-        outputs = {n: p for n, p in goal.output_paths.items() if p}
+        outputs = build_outputs
         setup = builder_env(goal.drv, store_dir=self.r.layout.store_dir, build_top=build_dir,
                             cores=self.cores, output_paths=outputs,
                             impure_env=os.environ, sandboxed=sandboxed,
@@ -82,10 +82,10 @@ class LaunchPreparer:
         self._write_files(build_dir, setup.files, user)
         if sandboxed and not goal.drv.is_builtin:
             from nixwarden.supervisor.build import sandboxing
-            return sandboxing.launch(self.r, goal, build_dir, user, setup)
-        return self._plain_launch(goal, build_dir, user, setup)
+            return sandboxing.launch(self.r, goal, build_dir, user, setup, outputs)
+        return self._plain_launch(goal, build_dir, user, setup, outputs)
 
-    def _plain_launch(self, goal, build_dir, user, setup) -> Launch:
+    def _plain_launch(self, goal, build_dir, user, setup, outputs) -> Launch:
         drv = goal.drv
         ids = {}
         if user is not None:
@@ -94,7 +94,7 @@ class LaunchPreparer:
         if drv.is_builtin:
             from nixwarden.supervisor.build import builtins
             env = dict(setup.env)
-            out_map = {p: self.r.layout.real_path(p) for p in goal.output_paths.values() if p}
+            out_map = {p: self.r.layout.real_path(p) for p in outputs.values()}
             store_dir = self.r.layout.store_dir
             mirrors = tuple(self.r.settings.get("hashed-mirrors"))
             return Launch([drv.builder], env, build_dir, **ids, builtin=lambda: builtins.run_builtin(

@@ -30,6 +30,7 @@ from nixwarden.supervisor.build.prepare import LaunchPreparer
 from nixwarden.supervisor.build.outputs import OutputRegistrar
 
 LOCK_RETRY = 0.1
+CHECK = 2  # build mode of --check
 
 
 class ClientGone(ChannelClosed):
@@ -93,17 +94,32 @@ class Realiser:
     def kill_build_user(self, user) -> None:
         self.preparer.kill_build_user(user)
 
-    def prepare_launch(self, goal, build_dir, user):
-        return self.preparer.launch(goal, build_dir, user)
+    def prepare_launch(self, goal, build_dir, user, build_outputs):
+        return self.preparer.launch(goal, build_dir, user, build_outputs)
 
     def register_outputs(self, goal, user) -> dict[str, str]:
         return self.registrar.register(goal, user)
+
+    def check_outputs(self, goal, build_outputs, keep: bool) -> dict[str, str]:
+        return self.registrar.check(goal, build_outputs, keep)
+
+    def scratch_path(self, goal, path: str) -> str:
+        """Where a check build writes ``path`` (Nix's makeFallbackPath)."""
+        from nixwarden.shared.hashes import Hash, HashAlgo
+        sp = self.store_dir.parse(path)
+        inner = f"rewrite:{goal.drv_path.rsplit('/', 1)[1]}:{sp.base}"
+        return self.store_dir.print(self.store_dir.make_store_path(
+            inner, Hash(HashAlgo.SHA256, bytes(32)), sp.name))
 
     # --- the entry point -----------------------------------------------------------
 
     def build(self, targets: list[str], mode: int) -> list[tuple[str, g.Outcome]]:
         """Realise every target; return (target, outcome) in request order."""
         plan = g.Planner(self).plan(targets)
+        if mode == CHECK:
+            for _, target in plan.targets:
+                if not isinstance(target, str):
+                    target.check = True
         act = self.client.start(Verbosity.ERROR, ActivityType.REALISE)
         self.builds_act = self.client.start(Verbosity.ERROR, ActivityType.BUILDS, "", (),
                                             act)
@@ -175,7 +191,11 @@ class Realiser:
             if self._stopping():
                 goal.outcome = g.Outcome(g.MISC_FAILURE, "build cancelled")
                 continue
-            if self.wanted_valid(goal) and self.all_valid(goal):
+            if goal.check and not self.all_valid(goal):
+                goal.outcome = g.Outcome(g.MISC_FAILURE, f"some outputs of '{goal.drv_path}' "
+                                         "are not valid, so checking is not possible")
+                continue
+            if not goal.check and self.wanted_valid(goal) and self.all_valid(goal):
                 goal.outcome = g.Outcome(g.ALREADY_VALID)
                 continue
             if len(running) >= max(self.max_jobs, 0) or not self._try(goal, running, sel):

@@ -25,7 +25,7 @@ def sandbox_paths(settings) -> tuple[str, ...]:
     return configured or sandbox.DEFAULT_SANDBOX_PATHS
 
 
-def launch(realiser, goal, build_dir: str, user, setup) -> Launch:
+def launch(realiser, goal, build_dir: str, user, setup, build_outputs) -> Launch:
     """The launch of ``goal``'s builder in a fresh sandbox."""
     layout = realiser.layout
     build_gid = user.user.gid if user is not None else None
@@ -40,7 +40,7 @@ def launch(realiser, goal, build_dir: str, user, setup) -> Launch:
                                network=network)
     sandbox.populate_chroot(spec)
     argv = sandbox.bwrap_argv(spec, goal.drv.builder, setup.args, setup.env)
-    outputs = [os.path.basename(p) for p in goal.output_paths.values() if p]
+    outputs = [os.path.basename(p) for p in build_outputs.values()]
 
     def after_exit() -> None:
         try:
