@@ -97,6 +97,8 @@ _INSERT_PATH = ("insert into ValidPaths (path, hash, registrationTime, deriver, 
                 " ultimate, sigs, ca) values (?, ?, ?, ?, ?, ?, ?, ?);")
 _UPDATE_PATH = ("update ValidPaths set narSize = ?, hash = ?, ultimate = ?, sigs = ?,"
                 " ca = ? where path = ?;")
+_SET_HASH = "update ValidPaths set hash = ? where path = ?;"
+_SET_NAR_SIZE = "update ValidPaths set narSize = ? where path = ?;"
 _ADD_REF = "insert or replace into Refs (referrer, reference) values (?, ?);"
 _ADD_DRV_OUTPUT = "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?);"
 _QUERY_INFO = ("select id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca"
@@ -397,6 +399,25 @@ class StoreDB:
             self.conn.execute(_UPDATE_PATH, (info.nar_size or None, info.nar_hash,
                                              1 if info.ultimate else None, merged,
                                              info.ca, path))
+        self._write(run)
+
+    def update_path_info(self, path: str, *, nar_hash: str | None = None,
+                         nar_size: int | None = None) -> None:
+        """Fill in a valid path's ``hash`` and/or ``narSize`` (spec §10).
+
+        What Nix's ``UpdatePathInfo`` does when ``verifyStore`` repairs a
+        missing (all-zero) hash or size; the other columns are unchanged.
+        ``nar_hash`` is written as given (``sha256:<base16>``).
+
+        Raises:
+            StoreRefusal: the path is not valid.
+        """
+        def run() -> None:
+            self._require_id(path)
+            if nar_hash is not None:
+                self.conn.execute(_SET_HASH, (nar_hash, path))
+            if nar_size is not None:
+                self.conn.execute(_SET_NAR_SIZE, (nar_size or None, path))
         self._write(run)
 
     def invalidate_path(self, path: str) -> None:
