@@ -48,3 +48,19 @@ class Verbosity(IntEnum):
     CHATTY = 5
     DEBUG = 6
     VOMIT = 7
+
+
+#: The prefixes of Nix's ``showErrorInfo`` (colours included: the client
+#: strips them when its stderr is not a terminal).
+ANSI_ERROR_PREFIX = "\x1b[31;1merror:\x1b[0m "
+ANSI_WARNING_PREFIX = "\x1b[35;1mwarning:\x1b[0m "
+
+
+def error_line(message: str) -> str:
+    """An error as Nix's ``logError`` shows it (a log line at level ERROR)."""
+    return ANSI_ERROR_PREFIX + message
+
+
+def warning_line(message: str) -> str:
+    """A warning as Nix's ``warn`` shows it (a log line at level WARN)."""
+    return ANSI_WARNING_PREFIX + message
