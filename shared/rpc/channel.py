@@ -18,10 +18,19 @@ class ChannelClosed(Exception):
 
 
 class Channel:
-    """One end of a worker<->session RPC connection."""
+    """One end of a worker<->session RPC connection.
+
+    Reads are buffered: one ``recv`` usually brings a whole small frame
+    (header and payload), so a request costs one system call per side.
+    A frame larger than the buffer is accumulated as it arrives, never
+    allocated ahead from its header.
+    """
+
+    RECV_SIZE = 256 * 1024
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        self._buf = bytearray()
 
     def send(self, message) -> None:
         self.sock.sendall(codec.encode(message))
@@ -33,32 +42,22 @@ class Channel:
             ChannelClosed: clean end of stream before a frame.
             WorkerViolation: truncated frame or oversized header.
         """
-        header = self._recv_exact(codec.HEADER.size, first=True)
-        return self._recv_exact(codec.frame_length(header), first=False)
+        header_size = codec.HEADER.size
+        self._fill(header_size, first=True)
+        length = codec.frame_length(bytes(self._buf[:header_size]))
+        self._fill(header_size + length, first=False)
+        payload = bytes(self._buf[header_size:header_size + length])
+        del self._buf[:header_size + length]
+        return payload
 
-    def _recv_exact(self, n: int, *, first: bool) -> bytes:
-        buf = bytearray(n) if n <= 1 << 20 else bytearray()
-        if n > 1 << 20:
-            return self._recv_growing(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            k = self.sock.recv_into(view[got:])
-            if k == 0:
-                if first and got == 0:
+    def _fill(self, n: int, *, first: bool) -> None:
+        while len(self._buf) < n:
+            chunk = self.sock.recv(self.RECV_SIZE)
+            if not chunk:
+                if first and not self._buf:
                     raise ChannelClosed()
                 raise WorkerViolation("RPC channel closed mid-frame")
-            got += k
-        return bytes(buf)
-
-    def _recv_growing(self, n: int) -> bytes:
-        # Large frames are accumulated as they arrive, never preallocated.
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(min(1 << 20, n - len(buf)))
-            if not chunk:
-                raise WorkerViolation("RPC channel closed mid-frame")
-            buf += chunk
-        return bytes(buf)
+            self._buf += chunk
 
     def close(self) -> None:
         self.sock.close()
