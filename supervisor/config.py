@@ -674,8 +674,7 @@ def _filter_substituters(values: dict, changed: set, value: str) -> list[str]:
         elif not url.endswith("/") and url + "/" in allowed:
             accepted.append(url + "/")
         else:
-            warnings.append(f"ignoring untrusted substituter '{url}', "
-                            "you are not a trusted user.")
+            warnings.append(f"ignoring untrusted substituter '{url}'")  # Nix 2.8's text
     values["substituters"] = tuple(accepted)
     changed.add("substituters")
     return warnings

@@ -34,6 +34,9 @@ def _paths(session, texts) -> list[str]:
     return [session.full(session.store_path(t)) for t in texts]
 
 
+RESTRICTED_SETTING = "ignoring the client-specified setting"
+
+
 def on_set_options(session, req: schema.SetOptions):
     # The fixed fields apply to every client, trusted or not (spec §5.16).
     session.settings = session.settings.with_values({
@@ -43,7 +46,13 @@ def on_set_options(session, req: schema.SetOptions):
         "substitute": req.use_substitutes})
     session.settings, warnings = session.settings.with_overrides(
         req.overrides, trusted=session.identity.trusted)
-    return schema.Warnings(list(warnings))
+    shown = []
+    for text in warnings:
+        if text.startswith(RESTRICTED_SETTING):
+            session.client_log.log(6, text)  # debug level, as nix-daemon 2.4-2.23
+        else:
+            shown.append(text)
+    return schema.Warnings(shown)
 
 
 def on_is_valid_path(session, req: schema.IsValidPath):

@@ -200,11 +200,6 @@ def set_options_logs(nixenv) -> list[str]:
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason=(
-    "supervisor/config.py follows Nix >= 2.24, not 2.8: it sends 'ignoring the "
-    "client-specified setting ...' warnings (2.8 logs them at debug level, unseen) "
-    "and adds ', you are not a trusted user.' to 2.8's \"ignoring untrusted "
-    "substituter '<url>'\""))
 def test_set_options_overrides_from_untrusted_user_like_nix_daemon(store, test_user,
                                                                    nix_daemon_factory):
     env, _ = store

@@ -346,19 +346,12 @@ def test_untrusted_substituter_warning_shown_by_nix_store(make_env, daemons):
         assert b"warning: " + UNTRUSTED_SUBST.encode() in r.stderr, (name, r.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Nix 2.4-2.23 (2.8 included) send the restricted-setting message at debug "
-    "level (worker-protocol.md §5.16); nixwarden's worker sends every SetOptions "
-    "message as a warning, so clients see it at the default verbosity"))
 def test_restricted_setting_stderr_matches_nix_daemon(make_env, daemons):
     both = _both(make_env, daemons, ["nix-store", "-q", "--hash", "P", "--option",
                                      "sandbox", "false"])
     assert both["nixwarden"].stderr == both["nix-daemon"].stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Nix 2.8 prints \"ignoring untrusted substituter '<url>'\" with no suffix; "
-    "nixwarden appends \", you are not a trusted user.\" (a newer Nix's text)"))
 def test_untrusted_substituter_stderr_matches_nix_daemon(make_env, daemons):
     both = _both(make_env, daemons, ["nix-store", "-q", "--hash", "P", "--option",
                                      "substituters", "https://evil.example"])
