@@ -546,3 +546,140 @@ def test_store_filled_by_nixwarden_verifies(results):
     rc, err = results["nixwarden"]["_verify"]
     assert rc == 0, err
     assert "error" not in err and "hash mismatch" not in err
+
+
+# --- streaming: a 2 GiB file in constant memory -------------------------------------------
+
+def _tree_pids(root_pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root_pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _rss_and_title(pid: int) -> tuple[int, str]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            rss = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        return rss * 1024, title
+    except OSError:
+        return 0, ""
+
+
+STREAM_SIZE = 2 << 30
+MEMORY_LIMIT = 200 << 20
+
+
+@pytest.mark.slow
+def test_two_gib_file_streams_in_constant_memory(nixenv, nixwarden):
+    """AddToStore (fixed:r:sha256) of a generated 2 GiB file: the daemon's
+    session and worker stay under MEMORY_LIMIT resident; the result is right."""
+    import threading
+    import time
+    block = os.urandom(1 << 20)
+    head = (b"".join(_nar_tok(t) for t in ("nix-archive-1", "(", "type", "regular",
+                                           "contents"))
+            + STREAM_SIZE.to_bytes(8, "little"))
+    tail = _nar_tok(")")
+    hasher = hashlib.sha256()
+
+    def chunks():
+        hasher.update(head)
+        yield head
+        for _ in range(STREAM_SIZE // len(block)):
+            hasher.update(block)
+            yield block
+        hasher.update(tail)
+        yield tail
+
+    peaks: dict[int, tuple[int, str]] = {}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            for pid in _tree_pids(nixwarden.pid):
+                rss, title = _rss_and_title(pid)
+                if rss > peaks.get(pid, (0, ""))[0]:
+                    peaks[pid] = (rss, title)
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.monotonic()
+    try:
+        c = AddClient(nixenv.socket_path)
+        c.sock.settimeout(300)
+        c.send(c.u64(7) + c.s("big") + c.s("fixed:r:sha256") + c.strs([]) + c.u64(0))
+        c.send_frames(chunks(), 1 << 20)
+        c.wait_last()
+        path = c.r_str()
+        c.r_str()
+        nar_hash = c.r_str()
+        c.r_strs(), c.r_u64()
+        nar_size = c.r_u64()
+    finally:
+        stop.set()
+        sampler.join()
+    elapsed = time.monotonic() - start
+    want = hasher.hexdigest()
+    assert nar_hash.removeprefix("sha256:") == want
+    assert nar_size == len(head) + STREAM_SIZE + len(tail)
+    assert os.path.getsize(path) == STREAM_SIZE
+    watched = {p: v for p, v in peaks.items() if "session" in v[1] or "worker" in v[1]}
+    assert any("session" in t for _, t in watched.values()), peaks
+    assert any("worker" in t for _, t in watched.values()), peaks
+    worst = max(rss for rss, _ in watched.values())
+    print(f"2 GiB in {elapsed:.1f}s; peak RSS per process: "
+          + ", ".join(f"{t.split()[1] if len(t.split()) > 1 else t}={r >> 20}MiB"
+                      for r, t in watched.values()))
+    assert worst < MEMORY_LIMIT, watched
+
+
+def _nar_tok(t: str) -> bytes:
+    from lib.narlib import s
+    return s(t)
+
+
+# --- temporary roots for freshly added paths -------------------------------------------------
+
+@pytest.mark.parametrize("which", ["nix-daemon", "nixwarden"])
+def test_fresh_path_is_a_temp_root_while_connected(nixenv, which):
+    """A path added over a connection is a GC temp root until the client
+    disconnects: the real ``nix-store --delete`` (run directly on the store)
+    refuses it meanwhile and deletes it afterwards."""
+    import time
+    from lib.differential import DAEMONS
+    daemon = DAEMONS[which](nixenv)
+    try:
+        c = AddClient(nixenv.socket_path)
+        path = input_path(nixenv.store_dir, "fresh", "t")
+        c.add_to_store_nar(path, nar(b"fresh"), dont_check_sigs=True)
+        text = c.add_text_to_store("fresh-text", b"fresh text")
+        for p in (path, text):
+            r = nixenv.run("nix-store", "--delete", p, remote="local", check=False)
+            assert r.returncode != 0 and b"since it is still alive" in r.stderr, r.stderr
+        c.close()
+        deadline = time.monotonic() + 10
+        while True:
+            r = nixenv.run("nix-store", "--delete", path, text, remote="local", check=False)
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.returncode == 0, r.stderr
+        assert not os.path.lexists(path) and not os.path.lexists(text)
+    finally:
+        daemon.stop()
