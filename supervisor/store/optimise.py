@@ -267,13 +267,15 @@ def optimise_path(layout: StoreLayout, real_path: str, *, repair: bool = False,
     return stats
 
 
-def auto_optimise(layout: StoreLayout, real_path: str, log: LogFn | None = None) -> None:
+def auto_optimise(layout: StoreLayout, real_path: str, *, repair: bool = False,
+                  log: LogFn | None = None) -> None:
     """``auto-optimise-store``: deduplicate a path just added or built.
 
-    The caller checks the setting (Nix's ``LocalStore::optimisePath``);
-    nothing is reported but warnings.
+    Nix's ``LocalStore::optimisePath``: the caller checks the setting and
+    calls this on the canonicalised real path before registering it
+    (``repair`` as the add or build had it); only warnings are reported.
     """
-    optimise_path(layout, real_path, log=log)
+    optimise_path(layout, real_path, repair=repair, log=log)
 
 
 def optimise_store(layout: StoreLayout, db, log: LogFn | None, *,

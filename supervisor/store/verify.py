@@ -24,9 +24,10 @@ clients with "you are not privileged to repair paths").
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from nixwarden.shared import nar
 from nixwarden.shared.errors import StoreRefusal
@@ -211,6 +212,18 @@ class _Verifier:
                 nar_size=new_size)
 
 
+@contextlib.contextmanager
+def _gc_lock_shared(layout: StoreLayout, log: LogFn) -> Iterator[None]:
+    """``gc.lock`` shared, telling the client when it has to wait (Nix's FdLock)."""
+    with gc_lock(layout, exclusive=False, wait=False) as acquired:
+        if acquired:
+            yield
+            return
+    log(Verbosity.INFO, "waiting for the big garbage collector lock...")
+    with gc_lock(layout, exclusive=False):
+        yield
+
+
 def _error_text(e: Exception) -> str:
     if isinstance(e, OSError) and e.filename is not None:
         return f"getting status of '{e.filename}': {e.strerror}"
@@ -238,7 +251,7 @@ def verify_store(layout: StoreLayout, db, *, check_contents: bool, repair: bool,
     """
     log(Verbosity.INFO, "reading the Nix store...")
     run = _Verifier(layout, db, repair=repair, log=log, repair_path=repair_path)
-    with gc_lock(layout, exclusive=False):
+    with _gc_lock_shared(layout, log):
         run.check_existence()
         if check_contents:
             run.check_links()

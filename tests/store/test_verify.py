@@ -219,3 +219,32 @@ def test_missing_referrer_is_removed_first(nix, tmp_path):
     assert not errors
     assert shown[2:] == [f"path '{high}' disappeared, removing from database...",
                          f"path '{low}' disappeared, removing from database..."]
+
+
+def test_waits_for_gc_lock_as_nix(nix, tmp_path):
+    """Held exclusively (a GC runs): both tell the client and wait."""
+    import fcntl
+    import threading
+    import time
+    _fill(nix, str(tmp_path))
+    fd = os.open(nix.layout.gc_lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    proc = nix.popen("nix-store", "--verify")
+    lines = Lines()
+    done = threading.Event()
+
+    def run():
+        with StoreDB.open(nix.layout) as db:
+            verify_store(nix.layout, db, check_contents=False, repair=False, log=lines)
+        done.set()
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(1)
+    assert not done.is_set()
+    os.close(fd)
+    thread.join(30)
+    _out, err = proc.communicate(timeout=30)
+    assert done.is_set()
+    assert lines.shown == err.decode().splitlines()
+    assert lines.shown[:2] == ["reading the Nix store...",
+                               "waiting for the big garbage collector lock..."]
