@@ -33,8 +33,7 @@ import shutil
 import pytest
 
 from conftest import needs_nix
-from lib.nixenv import (NixEnv, new_root, nixwarden_cmd, start_nix_daemon,
-                        start_nixwarden)
+from lib.nixenv import NixEnv, new_root, nixwarden_cmd, start_nixwarden
 from lib.samplestore import populate
 from lib.wclient import DaemonError, WClient
 

@@ -23,7 +23,7 @@ import struct
 import pytest
 
 from conftest import needs_nix, needs_root
-from lib.nixenv import NixEnv, new_root, start_nix_daemon, start_nixwarden
+from lib.nixenv import NixEnv, new_root, start_nixwarden
 from lib.samplestore import populate
 from lib.wclient import MAGIC_1, MAGIC_2, DaemonError, WClient
 

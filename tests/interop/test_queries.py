@@ -10,7 +10,6 @@ announce 2.8.0, so ``nix store ping`` is compared whole.
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest

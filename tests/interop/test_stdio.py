@@ -42,6 +42,14 @@ class StdioDaemon:
                                      env=dict(env.env, NIX_REMOTE="local"))
         theirs.close()
 
+    def client(self, minor: int = 38) -> WClient:
+        """A WClient on this daemon; a failed handshake reports its stderr."""
+        try:
+            return WClient(sock=self.sock, minor=minor)
+        except (OSError, EOFError, AssertionError) as exc:
+            status, err = self.finish()
+            raise AssertionError(f"handshake failed ({exc!r}); daemon exit {status}:\n{err}")
+
     def finish(self, timeout: float = 20) -> tuple[int, str]:
         """Close our end; return the exit status and stderr."""
         self.sock.close()
@@ -66,7 +74,7 @@ def nix_daemon(env, *args) -> StdioDaemon:
 def test_handshake_and_queries(store, minor):
     env, path = store
     d = nixwarden(env)
-    c = WClient(sock=d.sock, minor=minor)
+    c = d.client(minor)
     assert c.server_version == 0x126
     assert c.trusted == (1 if minor >= 35 else None)  # trusted by default
     assert c.is_valid_path(path) is True
@@ -80,7 +88,7 @@ def test_handshake_and_queries(store, minor):
 def test_force_untrusted(store):
     env, path = store
     d = nixwarden(env, "--force-untrusted", *TRUST_OVERRIDE)
-    c = WClient(sock=d.sock, minor=38)
+    c = d.client(38)
     assert c.trusted == 2
     assert c.is_valid_path(path) is True
     assert d.finish()[0] == 0
@@ -109,7 +117,7 @@ STDIO_STATUS = ("serve_stdio always exits 0: the worker's exit status (1 after a
 def test_stdin_closed_after_handshake_exits_0(store, start):
     env, path = store
     d = start(env)
-    c = WClient(sock=d.sock)
+    c = d.client()
     assert c.is_valid_path(path) is True
     status, err = d.finish()
     assert status == 0, err
@@ -154,7 +162,7 @@ def test_quiet_on_stderr_like_nix_daemon(store):
     errs = []
     for start in (nix_daemon, nixwarden):
         d = start(env)
-        assert WClient(sock=d.sock).is_valid_path(path) is True
+        assert d.client().is_valid_path(path) is True
         status, err = d.finish()
         errs.append((status, err))
     assert errs[1] == errs[0] == (0, "")
