@@ -1,0 +1,456 @@
+"""Substitution from binary caches made by the real Nix (issue 6), no mocks.
+
+A scratch source store (logical dir ``<tmp>/src/store``) is filled by the
+real Nix (two built, input-addressed paths ``top`` -> ``dep`` plus a
+content-addressed ``nix-store --add`` file) and copied with
+``nix copy --to file://...`` into caches: one per compression (signed with
+a key from ``nix-store --generate-binary-cache-key``), an unsigned one, one
+signed by another key, and one with damaged signatures.  They are served
+by ``file://`` and by a loopback HTTP server (``cacheserver.py``, also the
+fault server).  Each test substitutes into a fresh diverted store with the
+same logical dir (``Substituters`` + a real ``StoreWriter``) and checks
+the result with the real ``nix-store --verify --check-contents``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from nixwarden.shared.storepath import StoreDir
+from nixwarden.supervisor.config import Settings
+from nixwarden.supervisor.store import signatures
+from nixwarden.supervisor.store.adding import StoreWriter
+from nixwarden.supervisor.store.db import StoreDB
+from nixwarden.supervisor.store.layout import StoreLayout
+from nixwarden.supervisor.store.locks import TempRoots
+from nixwarden.supervisor.store.substitute import Substituters
+
+import cacheserver
+from nixenv import make_nix_env, needs_nix
+
+pytestmark = needs_nix
+
+EXPR = r"""
+let mk = attrs: builtins.derivation ({ system = builtins.currentSystem; builder = "/bin/sh"; } // attrs);
+  dep = mk { name = "dep"; args = [ "-c" "echo dependency > $out" ]; };
+  top = mk { name = "top"; args = [ "-c" ''
+    /bin/mkdir $out; echo ${dep} > $out/ref; echo $out > $out/self
+    i=0; while [ $i -lt 4000 ]; do echo "line $i $i $i $i $i $i $i"; i=$((i+1)); done > $out/big
+  '' ]; };
+in top
+"""
+COMPRESSIONS = ("xz", "bzip2", "zstd", "none")
+NIX = ("nix", "--extra-experimental-features", "nix-command")
+
+
+class World:
+    """The source store, keys and caches shared by all tests of the module."""
+
+    def __init__(self, tmp: str):
+        self.tmp = tmp
+        self.src = make_nix_env(os.path.join(tmp, "src"))
+        self.store_dir = self.src.layout.store_dir
+        with open(os.path.join(tmp, "e.nix"), "w") as f:
+            f.write(EXPR)
+        self.top = self.src.out("nix-build", os.path.join(tmp, "e.nix"), "--no-out-link")
+        self.dep, = [p for p in self.src.lines("nix-store", "-q", "--references", self.top)
+                     if p != self.top]
+        with open(os.path.join(tmp, "ca.txt"), "w") as f:
+            f.write("content-addressed\n")
+        self.ca = self.src.out("nix-store", "--add", os.path.join(tmp, "ca.txt"))
+        self.caches = os.path.join(tmp, "caches")
+        self.sk, self.pk = self._key("test-1")
+        self.sk2, self.pk2 = self._key("other-1")
+        self._copy("unsigned", "xz")
+        self._copy("otherkey", "xz", f"&secret-key={self.sk2}")
+        self.src.run(*NIX, "store", "sign", "--key-file", self.sk, "-r", self.top)
+        for c in COMPRESSIONS:
+            self._copy(c, c)
+        self._copy("second", "xz")
+        self._copy("badsig", "xz")
+        for name in os.listdir(self.cache("badsig")):
+            if name.endswith(".narinfo"):
+                self._edit(self.cache("badsig", name), "Sig: test-1:", "Sig: test-1:AAAA")
+
+    def _key(self, name: str) -> tuple[str, str]:
+        sk, pk = (os.path.join(self.tmp, f"{name}.{k}") for k in ("sk", "pk"))
+        self.src.run("nix-store", "--generate-binary-cache-key", name, sk, pk)
+        with open(pk) as f:
+            return sk, f.read().strip()
+
+    def _copy(self, name: str, compression: str, extra: str = "") -> None:
+        url = f"file://{self.cache(name)}?compression={compression}{extra}"
+        self.src.run(*NIX, "copy", "--to", url, self.top, self.ca)
+
+    @staticmethod
+    def _edit(path: str, old: str, new: str) -> None:
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace(old, new))
+
+    def cache(self, *parts: str) -> str:
+        return os.path.join(self.caches, *parts)
+
+    def narinfo_path(self, cache: str, path: str) -> str:
+        return self.cache(cache, os.path.basename(path)[:32] + ".narinfo")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return World(str(tmp_path_factory.mktemp("subst")))
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    proc, url = cacheserver.start(world.caches)
+    yield url
+    cacheserver.stop(proc)
+
+
+class Log:
+    """Records what a ClientLog would send."""
+
+    def __init__(self):
+        self.acts, self.results, self.lines, self.stopped = {}, [], [], []
+
+    def start(self, level, type_, text="", fields=(), parent=0):
+        act = len(self.acts) + 1
+        self.acts[act] = (int(level), int(type_), text, tuple(fields), parent)
+        return act
+
+    def result(self, act, type_, fields):
+        self.results.append((act, int(type_), tuple(fields)))
+
+    def stop(self, act):
+        self.stopped.append(act)
+
+    def log(self, level, text):
+        self.lines.append((int(level), text))
+
+    def text(self) -> str:
+        return "\n".join(t for _, t in self.lines)
+
+
+class Dest:
+    """A fresh diverted store with the source's logical store dir."""
+
+    def __init__(self, world: World, root: str, *, require_sigs=True):
+        self.world = world
+        self.root = root
+        self.layout = StoreLayout.chroot(root, world.store_dir)
+        self.db = StoreDB.open(self.layout)
+        self.roots = TempRoots(self.layout)
+        keys = signatures.load_public_keys([world.pk], [])
+        self.writer = StoreWriter(self.layout, self.db, self.roots, keys, require_sigs)
+        self.log = Log()
+        self.messages = []
+
+    def close(self):
+        self.writer.close()
+        self.roots.close()
+        self.db.close()
+
+    def subs(self, *urls, offline=False, refresh=False, **settings) -> Substituters:
+        values = {"substituters": tuple(urls), "trusted-public-keys": (self.world.pk,),
+                  "download-attempts": 2}
+        values.update({k.replace("_", "-"): v for k, v in settings.items()})
+        s = Settings.defaults(os.environ, 0).with_values(values)
+        return Substituters(s, StoreDir(self.world.store_dir), self.layout.state_dir,
+                            offline=offline, refresh=refresh,
+                            log=lambda level, text: self.messages.append(text))
+
+    def substitute(self, paths, *urls, **kw):
+        subs = self.subs(*urls, **kw)
+        try:
+            return subs.substitute(paths, self.writer, self.log)
+        finally:
+            subs.close()
+
+    def nix(self, *args: str, check=True) -> subprocess.CompletedProcess:
+        spec = (f"local?root={self.root}&store={self.world.store_dir}"
+                f"&real={self.layout.real_store_dir}")
+        env = dict(self.world.src.env)
+        for k in ("NIX_STORE_DIR", "NIX_STATE_DIR", "NIX_LOG_DIR", "NIX_REMOTE"):
+            env.pop(k)
+        proc = subprocess.run([args[0], "--store", spec, *args[1:]], env=env,
+                              capture_output=True, timeout=120)
+        assert not check or proc.returncode == 0, proc.stderr.decode()
+        return proc
+
+    def verify(self) -> None:
+        proc = self.nix("nix-store", "--verify", "--check-contents")
+        assert b"error" not in proc.stderr and b"disappeared" not in proc.stderr, proc.stderr
+
+    def valid(self, path: str) -> bool:
+        return self.db.is_valid(path)
+
+    def leftovers(self) -> list[str]:
+        return [n for n in os.listdir(self.layout.real_store_dir)
+                if n not in (".links",) and not self.db.is_valid(f"{self.world.store_dir}/{n}")]
+
+
+@pytest.fixture
+def dest(world, tmp_path):
+    d = Dest(world, str(tmp_path / "dst"))
+    yield d
+    d.close()
+
+
+def file_url(world, name, params=""):
+    return f"file://{world.cache(name)}{params}"
+
+
+# --- success ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("scheme", ["file", "http"])
+def test_closure_substituted_and_verified(world, server, dest, compression, scheme):
+    url = file_url(world, compression) if scheme == "file" else f"{server}/{compression}"
+    got = dest.substitute([world.top], url)
+    assert got == {world.top: None, world.dep: None}
+    dest.verify()
+    refs = dest.nix("nix-store", "-q", "--references", world.top).stdout.decode().split()
+    assert sorted(refs) == sorted([world.top, world.dep])
+    info = dest.db.query_path_info(world.top)
+    src_info = world.src.out("nix-store", "-q", "--hash", world.top)
+    assert info.nar_hash == "sha256:" + _hex(src_info)
+    assert info.deriver == world.src.out("nix-store", "-q", "--deriver", world.top)
+    assert info.sigs and all(s.startswith("test-1:") for s in info.sigs)
+    assert not info.ultimate and info.ca is None
+    assert dest.leftovers() == []
+
+
+def _hex(nix32_prefixed: str) -> str:
+    from nixwarden.shared.hashes import Hash
+    return Hash.parse(nix32_prefixed).to_base16()
+
+
+def test_activities_like_nix_daemon(world, server, dest):
+    url = f"{server}/xz"
+    dest.substitute([world.dep], url)
+    acts = list(dest.log.acts.items())
+    (sub_id, sub), (copy_id, copy), (ft_id, ft) = acts
+    assert sub == (0, 108, "", (world.dep, url), 0)
+    assert copy == (3, 100, f"copying path '{world.dep}' from '{url}'",
+                    (world.dep, url, "local"), sub_id)
+    nar_url = ft[3][0]
+    assert ft[:3] == (4, 101, f"downloading '{nar_url}'") and ft[4] == copy_id
+    assert nar_url.startswith(f"{url}/nar/") and nar_url.endswith(".nar.xz")
+    nar_size = dest.db.query_path_info(world.dep).nar_size
+    assert (copy_id, 105, (nar_size, nar_size, 0, 0)) in dest.log.results
+    assert any(a == ft_id and t == 105 for a, t, _ in dest.log.results)
+    assert sorted(dest.log.stopped) == [sub_id, copy_id, ft_id]
+
+
+def test_already_valid_paths_are_skipped(world, dest):
+    url = file_url(world, "xz")
+    dest.substitute([world.dep], url)
+    dest.log = Log()
+    assert dest.substitute([world.top], url) == {world.top: None, world.dep: None}
+    assert [a[3][0] for a in dest.log.acts.values() if a[1] == 108] == [world.top]
+
+
+def test_queries(world, server, dest):
+    subs = dest.subs(file_url(world, "zstd"))
+    infos = subs.query_infos([world.top, world.dep, dest.world.store_dir + "/" + "0" * 32 + "-x"])
+    assert set(infos) == {world.top, world.dep}
+    top = infos[world.top]
+    assert top.references == tuple(sorted([world.dep, world.top]))
+    assert top.nar_size == top.narinfo.nar_size and top.download_size == top.narinfo.file_size
+    assert top.download_size == os.path.getsize(world.cache("zstd", top.narinfo.url))
+    assert subs.query_substitutable([world.top]) == set()  # no WantMassQuery
+    subs = dest.subs(file_url(world, "zstd", "?want-mass-query=1"))
+    assert subs.query_substitutable([world.top, world.store_dir + "/" + "1" * 32 + "-y"]) \
+        == {world.top}
+
+
+def test_priority_orders_caches(world, server, dest):
+    slow = f"{server}/xz?priority=60"
+    fast = f"{server}/zstd?priority=10"
+    dest.substitute([world.dep], slow, fast)
+    assert {a[3][1] for a in dest.log.acts.values() if a[1] == 108} == {f"{server}/zstd"}
+
+
+def test_store_dir_mismatch_makes_cache_unusable(world, tmp_path, dest):
+    other = tmp_path / "other"
+    shutil.copytree(world.cache("xz"), other)
+    (other / "nix-cache-info").write_text("StoreDir: /nix/store\n")
+    got = dest.substitute([world.dep], f"file://{other}")
+    assert got[world.dep].kind == "no-substituter"
+    assert any(f"binary cache 'file://{other}' is for Nix stores with prefix '/nix/store', "
+               f"not '{world.store_dir}'" in t for _, t in dest.log.lines)
+
+
+# --- signatures -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cache", ["unsigned", "otherkey", "badsig"])
+def test_unsigned_or_badly_signed_refused(world, dest, cache):
+    url = file_url(world, cache)
+    got = dest.substitute([world.top], url)
+    assert got[world.top] == (f"path '{world.top}' is required, but there is no "
+                              "substituter that can build it")
+    assert got[world.top].kind == "no-substituter"
+    assert (f"the substitute for '{world.top}' from '{url}' is not signed by any of the keys "
+            "in 'trusted-public-keys'") in dest.log.text()
+    assert not dest.valid(world.top) and dest.leftovers() == []
+
+
+def test_next_cache_used_after_unsigned(world, dest):
+    got = dest.substitute([world.top], file_url(world, "unsigned"), file_url(world, "second"))
+    assert got[world.top] is None
+    dest.verify()
+
+
+def test_trusted_cache_and_require_sigs_off(world, dest, tmp_path):
+    assert dest.substitute([world.top], file_url(world, "unsigned", "?trusted=1"))[world.top] \
+        is None
+    dest.verify()
+    lax = Dest(world, str(tmp_path / "lax"), require_sigs=False)
+    try:
+        assert lax.substitute([world.top], file_url(world, "otherkey"))[world.top] is None
+        lax.verify()
+    finally:
+        lax.close()
+
+
+def test_content_addressed_needs_no_signature(world, dest):
+    assert dest.substitute([world.ca], file_url(world, "unsigned")) == {world.ca: None}
+    assert dest.db.query_path_info(world.ca).ca.startswith("fixed:r:sha256:")
+    dest.verify()
+
+
+# --- bad caches -------------------------------------------------------------------------------
+
+
+def _stats(server):
+    import json
+    import urllib.request
+    with urllib.request.urlopen(f"{server}/_stats") as r:
+        return json.load(r)
+
+
+@pytest.mark.parametrize("mode,expect", [
+    ("500", "HTTP error 500 ('Internal Server Error')"),
+    ("stall", "Timeout was reached (28)"),
+    ("truncate", "Transferred a partial file (18)"),
+    ("corrupt", ("hash mismatch importing path", "bad archive")),
+])
+def test_faulty_nar_download(world, server, dest, mode, expect):
+    ok_narinfo = _narinfo_only_cache(world, server, mode)
+    got = dest.substitute([world.dep], ok_narinfo, stalled_download_timeout=1)
+    failure = got[world.dep]
+    assert failure.kind == "failed", failure
+    expect = (expect,) if isinstance(expect, str) else expect
+    assert any(e in failure for e in expect), failure
+    assert f"'{world.dep}'" in failure and server in failure
+    assert any(e in dest.log.text() for e in expect)
+    assert not dest.valid(world.dep) and dest.leftovers() == []
+    # the next cache is used
+    dest.log = Log()
+    got = dest.substitute([world.dep], ok_narinfo, file_url(world, "second"),
+                          stalled_download_timeout=1)
+    assert got[world.dep] is None
+    dest.verify()
+
+
+def _narinfo_only_cache(world, server, mode) -> str:
+    """A cache whose narinfo files are served fine but whose NARs are faulty.
+
+    The narinfo is copied to a cache dir ``<mode>-narinfo`` with an absolute
+    URL pointing at the fault server's NAR."""
+    src = "none" if mode == "corrupt" else "xz"
+    name = f"narinfo-{mode}"
+    target = world.cache(name)
+    if not os.path.exists(target):
+        shutil.copytree(world.cache(src), target)
+        for f in os.listdir(target):
+            if f.endswith(".narinfo"):
+                World._edit(os.path.join(target, f), "URL: nar/",
+                            f"URL: {server}/fault-{mode}/{src}/nar/")
+    return f"{server}/{name}"
+
+
+def test_retries_as_nix(world, server, dest):
+    url = _narinfo_only_cache(world, server, "500once")
+    before = _stats(server)
+    got = dest.substitute([world.dep], url, download_attempts=3)
+    assert got[world.dep] is None
+    nar = next(p for p in _stats(server) if "fault-500once" in p and world.dep not in p)
+    assert _stats(server)[nar] - before.get(nar, 0) == 2
+    assert "HTTP error 500 ('Internal Server Error'); retrying in" in dest.log.text()
+    dest.verify()
+
+
+def test_500_retried_download_attempts_times(world, server, dest):
+    url = _narinfo_only_cache(world, server, "500")
+    before = _stats(server)
+    dest.substitute([world.dep], url, download_attempts=3)
+    after = _stats(server)
+    counts = [after[p] - before.get(p, 0) for p in after if "/fault-500/" in p]
+    assert counts == [3]
+
+
+def test_malformed_narinfo(world, server, dest):
+    bad = world.cache("malformed")
+    if not os.path.exists(bad):
+        shutil.copytree(world.cache("xz"), bad)
+        World._edit(world.narinfo_path("malformed", world.dep), "NarSize: ", "NarSize: x")
+    url = f"{server}/malformed"
+    got = dest.substitute([world.dep], url, file_url(world, "second", "?priority=99"))
+    failure = got[world.dep]
+    assert failure.kind == "failed"
+    hash_part = os.path.basename(world.dep)[:32]
+    assert f"NAR info file '{url}/{hash_part}.narinfo' is corrupt (bad NarSize" in failure
+    assert not dest.valid(world.dep)
+    # with fallback the next cache is used, after the error is shown
+    got = dest.substitute([world.dep], url, file_url(world, "second", "?priority=99"),
+                          fallback=True)
+    assert got[world.dep] is None
+    assert "is corrupt" in "\n".join(dest.messages + [dest.log.text()])
+
+
+def test_missing_nar_is_gone(world, tmp_path, dest):
+    gone = tmp_path / "gone"
+    shutil.copytree(world.cache("xz"), gone)
+    shutil.rmtree(gone / "nar")
+    got = dest.substitute([world.dep], f"file://{gone}")
+    assert got[world.dep].kind == "no-substituter"
+    assert "does not exist in binary cache" in dest.log.text()
+
+
+# --- disk cache, refresh, offline -----------------------------------------------------------
+
+
+def test_negative_and_positive_ttls_refresh_offline(world, server, dest, tmp_path):
+    cache = tmp_path / "growing"
+    (cache / "nar").mkdir(parents=True)
+    shutil.copy(world.cache("xz", "nix-cache-info"), cache / "nix-cache-info")
+    link = world.cache("growing")
+    if os.path.lexists(link):
+        os.unlink(link)
+    os.symlink(cache, link)
+    url = f"{server}/growing"
+    assert dest.subs(url).query_infos([world.dep]) == {}
+    src_info = world.narinfo_path("xz", world.dep)
+    shutil.copy(src_info, cache)
+    for name in os.listdir(world.cache("xz", "nar")):
+        shutil.copy(world.cache("xz", "nar", name), cache / "nar")
+    assert dest.subs(url).query_infos([world.dep]) == {}            # negative entry
+    assert set(dest.subs(url, narinfo_cache_negative_ttl=0).query_infos([world.dep])) \
+        == {world.dep}
+    os.unlink(cache / os.path.basename(src_info))
+    assert set(dest.subs(url).query_infos([world.dep])) == {world.dep}  # positive entry
+    assert dest.subs(url, refresh=True).query_infos([world.dep]) == {}
+    assert dest.subs(url, narinfo_cache_positive_ttl=0).query_infos([world.dep]) == {}
+    assert dest.subs(url, offline=True).query_infos([world.dep]) == {}
+    assert dest.substitute([world.dep], file_url(world, "xz"), offline=True)[world.dep].kind \
+        == "no-substituter"
+    assert dest.substitute([world.dep], file_url(world, "xz"), substitute=False)[world.dep] \
+        .kind == "no-substituter"
