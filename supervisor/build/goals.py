@@ -19,8 +19,8 @@ from nixwarden.shared.errors import StoreRefusal
 BUILT, SUBSTITUTED, ALREADY_VALID = 0, 1, 2
 PERMANENT_FAILURE, INPUT_REJECTED, OUTPUT_REJECTED = 3, 4, 5
 TRANSIENT_FAILURE, TIMED_OUT, MISC_FAILURE, DEPENDENCY_FAILED = 6, 8, 9, 10
-NOT_DETERMINISTIC, NO_SUBSTITUTERS = 12, 14
-SUCCESS = {BUILT, SUBSTITUTED, ALREADY_VALID}
+NOT_DETERMINISTIC, RESOLVES_TO_ALREADY_VALID, NO_SUBSTITUTERS = 12, 13, 14
+SUCCESS = {BUILT, SUBSTITUTED, ALREADY_VALID, RESOLVES_TO_ALREADY_VALID}
 
 
 @dataclass
@@ -48,6 +48,8 @@ class DrvGoal:
     dependents: list["DrvGoal"] = field(default_factory=list)
     outcome: Outcome | None = None
     check: bool = False  # --check: rebuild valid outputs and compare
+    deferred: bool = False  # output paths depend on content-addressed inputs or outputs
+    original: "DrvGoal | None" = None  # for a resolved derivation: the one it stands for
 
     @property
     def name(self) -> str:
@@ -81,7 +83,8 @@ class Planner:
                 raise StoreRefusal(f"cannot build missing derivation '{drv_path}'")
             self.view.temp_roots.add(drv_path)
             drv = self.view.read_derivation(drv_path)
-            goal = DrvGoal(drv_path, drv, self.view.output_paths(drv_path, drv), set())
+            paths, deferred = self.view.output_paths_and_deferred(drv_path, drv)
+            goal = DrvGoal(drv_path, drv, paths, set(), deferred=deferred)
             self.goals[drv_path] = goal
             for dep_path, dep_outputs in drv.input_drvs.items():
                 dep = self.goal(dep_path, set(dep_outputs))

@@ -21,6 +21,7 @@ import time
 
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.logtypes import ActivityType, ResultType, Verbosity
+from nixwarden.supervisor.build import ca
 from nixwarden.supervisor.build import goals as g
 from nixwarden.supervisor.build import spawn
 from nixwarden.supervisor.build.buildlog import BuildLogWriter
@@ -69,8 +70,7 @@ class BuildJob:
 
     def _launch(self) -> None:
         goal = self.goal
-        self.build_outputs = {n: (self.r.scratch_path(goal, p) if goal.check else p)
-                              for n, p in goal.output_paths.items() if p}
+        self.build_outputs = {n: self._build_path(n, p) for n, p in goal.output_paths.items()}
         for p in self.build_outputs.values():
             self.r.temp_roots.add(p)
             remove_entry(self.r.store_fd, os.path.basename(self.r.layout.real_path(p)))
@@ -85,6 +85,16 @@ class BuildJob:
         self.last_output = time.monotonic()
         self.after_exit = launch.after_exit
         self.pid, self.fd = spawn.start(launch)
+
+    def _build_path(self, name: str, path: str | None) -> str:
+        """Where the builder writes output ``name``: its path, or a scratch
+        path for --check and for floating content-addressed outputs."""
+        if path is None or self.goal.drv.outputs[name].path is None:
+            if self.goal.check and path:
+                return self.r.scratch_path(self.goal, path)
+            return ca.floating_scratch_path(self.r.store_dir, self.goal.drv_path,
+                                            self.goal.drv.name, name)
+        return self.r.scratch_path(self.goal, path) if self.goal.check else path
 
     # --- running -------------------------------------------------------------------
 
@@ -161,7 +171,7 @@ class BuildJob:
             if self.goal.check:
                 outputs = self.r.check_outputs(self.goal, self.build_outputs, self.r.keep_failed)
             else:
-                outputs = self.r.register_outputs(self.goal, self.user)
+                outputs = self.r.register_outputs(self.goal, self.user, self.build_outputs)
         except StoreRefusal as exc:
             bits = 0x02 if "hash mismatch" in exc.message else 0
             status = g.OUTPUT_REJECTED if bits else g.MISC_FAILURE

@@ -21,6 +21,8 @@ from nixwarden.shared import nar
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.hashes import Hash, HashAlgo, HashSink
 from nixwarden.shared.storepath import ContentAddress
+from nixwarden.shared.storepath import output_path_name
+from nixwarden.supervisor.build import ca
 from nixwarden.supervisor.build.canonical import canonicalise
 from nixwarden.supervisor.build.outputchecks import check_outputs
 from nixwarden.supervisor.store.pathinfo import PathInfo
@@ -52,29 +54,71 @@ class OutputRegistrar:
                 todo.extend(info.references)
         return seen
 
-    def register(self, goal, user) -> dict[str, str]:
+    def register(self, goal, user, build_outputs: dict[str, str]) -> dict[str, str]:
         """Register every output of ``goal``; return {output name: path}.
+
+        Floating content-addressed outputs move from their scratch path to
+        the path their content gives, and get a realisation.
 
         Raises:
             StoreRefusal: a missing or suspicious output, a hash mismatch.
         """
         from nixwarden.supervisor.build.refscan import scan_references
-        outputs = {n: p for n, p in goal.output_paths.items() if p}
-        candidates = self.input_closure(goal) | set(outputs.values())
-        infos = {}
-        for name, path in sorted(outputs.items()):
-            real = self.r.layout.real_path(path)
-            self._check_output(goal, name, path, real, user)
+        candidates = self.input_closure(goal) | set(build_outputs.values())
+        infos, realisations = {}, []
+        for name, built in sorted(build_outputs.items()):
+            real = self.r.layout.real_path(built)
+            self._check_output(goal, name, built, real, user)
             canonicalise(real, from_uid=user.user.uid if user else None)
-            ca = self._check_fixed(goal, name, path, real)
             refs = scan_references(real, candidates, self.r.layout.store_dir)
+            ca_text = self._check_fixed(goal, name, built, real)
+            path = built
+            if goal.drv.outputs[name].path is None:
+                path, refs, ca_text = self._settle_floating(goal, name, built, real, refs)
+                real = self.r.layout.real_path(path)
+                realisations.append((name, path))
             nar_hash, nar_size = nar.nar_hash_of_path(real)
             infos[name] = PathInfo(path, goal.drv_path, f"sha256:{nar_hash.to_base16()}",
                                    tuple(sorted(refs)), 0, nar_size, True,
-                                   self._sign(path, nar_hash, nar_size, refs), ca)
+                                   self._sign(path, nar_hash, nar_size, refs), ca_text)
         check_outputs(goal, infos, self.r.store_dir, self.r.db.query_path_info)
-        self.r.db.register_valid_paths(list(infos.values()))
-        return outputs
+        self.r.db.register_valid_paths([i for i in infos.values()
+                                        if not self.r.db.is_valid(i.path)])
+        if realisations:
+            drv_hash = self.r.drv_hash(goal.drv)
+            for name, path in realisations:
+                self.r.db.register_realisation(ca.drv_output_id(drv_hash[name]), name, path)
+        for name, info in infos.items():
+            goal.output_paths[name] = info.path
+        return {name: info.path for name, info in infos.items()}
+
+    def _settle_floating(self, goal, name, scratch, real, refs):
+        """Move a floating output to the path its content (modulo
+        self-references) gives; return (path, references, content address)."""
+        from nixwarden.supervisor.build.refscan import rewrite_hashes
+        out = goal.drv.outputs[name]
+        method, algo = out.method, out.algo
+        scratch_hash = _hash_part(scratch)
+        chunks = nar.dump(real) if method == "nar" else _file_chunks(real)
+        modulo = ca.hash_modulo_self(chunks, scratch_hash, algo)
+        has_self = scratch in refs
+        others = [self.r.store_dir.parse(r) for r in refs if r != scratch]
+        store_dir = self.r.store_dir
+        final_sp = store_dir.make_fixed_output_path(
+            method, modulo, output_path_name(goal.drv.name, name), others, has_self)
+        final = store_dir.print(final_sp)
+        rewrite_hashes(real, {scratch_hash: final_sp.hash_part})
+        canonicalise(real, from_uid=None)
+        self.r.temp_roots.add(final)
+        if self.r.db.is_valid(final):
+            from nixwarden.supervisor.store.restore import remove_entry
+            remove_entry(self.r.store_fd, os.path.basename(real))
+        else:
+            from nixwarden.supervisor.store.restore import remove_entry
+            remove_entry(self.r.store_fd, final_sp.base)
+            os.rename(real, self.r.layout.real_path(final))
+        new_refs = {final if r == scratch else r for r in refs}
+        return final, new_refs, ContentAddress(method, modulo).render()
 
     def check(self, goal, build_outputs: dict[str, str], keep: bool) -> dict[str, str]:
         """``--check``: compare a rebuild (at scratch paths) with the valid outputs.
@@ -187,3 +231,9 @@ def _content_hash(real: str, method: str, algo: HashAlgo) -> Hash:
 
 def _hash_part(path: str) -> str:
     return os.path.basename(path)[:32]
+
+
+def _file_chunks(real: str):
+    with open(real, "rb") as f:
+        while chunk := f.read(1 << 20):
+            yield chunk

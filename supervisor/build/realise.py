@@ -19,7 +19,9 @@ import selectors
 import socket
 import time
 
-from nixwarden.shared.derivation import parse_derivation
+from nixwarden.shared.derivation import parse_derivation, print_derivation
+from nixwarden.shared.derivation_hash import hash_derivation_modulo
+from nixwarden.supervisor.build import ca
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.rpc.channel import ChannelClosed
 from nixwarden.shared.storepath import StoreDir
@@ -59,6 +61,8 @@ class Realiser:
         self.preparer = LaunchPreparer(self)
         self.registrar = OutputRegistrar(self)
         self.builds_act = 0
+        self._drvs: dict = {}
+        self._hash_cache: dict = {}
 
     # --- what the store says -------------------------------------------------------
 
@@ -66,14 +70,37 @@ class Realiser:
         return self.db.is_valid(path)
 
     def read_derivation(self, drv_path: str):
-        sp = self.store_dir.parse(drv_path)
-        with open(self.layout.real_path(drv_path), "rb") as f:
-            text = f.read()
-        return parse_derivation(text, self.store_dir, sp.name[:-len(".drv")])
+        drv = self._drvs.get(drv_path)
+        if drv is None:
+            sp = self.store_dir.parse(drv_path)
+            with open(self.layout.real_path(drv_path), "rb") as f:
+                text = f.read()
+            drv = parse_derivation(text, self.store_dir, sp.name[:-len(".drv")])
+            self._drvs[drv_path] = drv
+        return drv
 
-    def output_paths(self, drv_path: str, drv) -> dict[str, str | None]:
+    def drv_hash(self, drv):
+        """Hash modulo of ``drv`` (outputs masked), with inputs read from the store."""
+        return hash_derivation_modulo(drv, self.store_dir, self.read_derivation, True,
+                                      self._hash_cache)
+
+    def output_paths_and_deferred(self, drv_path: str, drv):
+        """Known output paths (realisations for content-addressed ones) and
+        whether the derivation's outputs depend on content addresses."""
         known = self.db.query_derivation_outputs(drv_path)
-        return {name: known.get(name) or out.path for name, out in drv.outputs.items()}
+        paths = {name: known.get(name) or out.path for name, out in drv.outputs.items()}
+        drv_hash = self.drv_hash(drv)
+        if drv_hash.deferred:
+            if not self.settings.feature_enabled(ca.FEATURE):
+                raise StoreRefusal("experimental Nix feature 'ca-derivations' is disabled; "
+                                   "use '--extra-experimental-features ca-derivations' to "
+                                   "override")
+            self.db.ensure_ca_schema()
+            for name in paths:
+                if paths[name] is None:
+                    found = self.db.query_realisation(ca.drv_output_id(drv_hash[name]), name)
+                    paths[name] = found[0] if found else None
+        return paths, drv_hash.deferred
 
     def all_valid(self, goal: g.DrvGoal) -> bool:
         paths = goal.output_paths.values()
@@ -97,8 +124,8 @@ class Realiser:
     def prepare_launch(self, goal, build_dir, user, build_outputs):
         return self.preparer.launch(goal, build_dir, user, build_outputs)
 
-    def register_outputs(self, goal, user) -> dict[str, str]:
-        return self.registrar.register(goal, user)
+    def register_outputs(self, goal, user, build_outputs) -> dict[str, str]:
+        return self.registrar.register(goal, user, build_outputs)
 
     def check_outputs(self, goal, build_outputs, keep: bool) -> dict[str, str]:
         return self.registrar.check(goal, build_outputs, keep)
@@ -173,6 +200,61 @@ class Realiser:
         finally:
             sel.close()
 
+    # --- content-addressed derivations ---------------------------------------------
+
+    def _done(self, goal: g.DrvGoal, outcome: g.Outcome) -> None:
+        """Record a finished goal (and the original a resolved one stands for)."""
+        goal.outcome = outcome
+        if not outcome.ok:
+            self._failed = True
+        original = goal.original
+        if original is None:
+            return
+        status = outcome.status
+        if outcome.ok and status == g.ALREADY_VALID:
+            status = g.RESOLVES_TO_ALREADY_VALID
+        original.outcome = g.Outcome(status, outcome.error, outcome.outputs,
+                                     outcome.times_built, outcome.start_time,
+                                     outcome.stop_time, outcome.exit_bits)
+        if outcome.ok:
+            self._realise_original(original, goal)
+
+    def _realise_original(self, original: g.DrvGoal, resolved: g.DrvGoal) -> None:
+        drv_hash = self.drv_hash(original.drv)
+        for name in original.drv.outputs:
+            path = resolved.output_paths.get(name)
+            if path and self.db.is_valid(path):
+                original.output_paths[name] = path
+                self.db.register_realisation(ca.drv_output_id(drv_hash[name]), name, path)
+
+    def _resolved(self, goal: g.DrvGoal) -> g.DrvGoal | None:
+        """The resolved derivation to build instead of ``goal`` (written to
+        the store), or None when its outputs are already valid."""
+        realised = {}
+        for dep in goal.deps:
+            for out in goal.drv.input_drvs[dep.drv_path]:
+                path = dep.output_paths.get(out)
+                if not path:
+                    raise StoreRefusal(f"output '{out}' of '{dep.drv_path}' is not realised")
+                realised[(dep.drv_path, out)] = path
+        names = {d.drv_path: d.drv.name for d in goal.deps}
+        drv = ca.resolve(goal.drv, self.store_dir, names, realised, self.read_derivation)
+        text = print_derivation(drv).encode("utf-8", "surrogateescape")
+        from nixwarden.shared.storepath import ContentAddressMethod
+        info = self.session.writer.add_content(
+            drv.name + ".drv", ContentAddressMethod.parse("text:sha256"),
+            sorted(drv.references), iter([text]), nar_input=False, repair=False)
+        self._drvs[info.path] = drv
+        paths, deferred = self.output_paths_and_deferred(info.path, drv)
+        resolved = g.DrvGoal(info.path, drv, paths, set(goal.wanted), deferred=deferred,
+                             original=goal, check=goal.check)
+        self.client.log(Verbosity.CHATTY, f"resolved derivation: '{goal.drv_path}' -> "
+                        f"'{info.path}'")
+        if all(p and self.db.is_valid(p) for p in paths.values()) and not goal.check:
+            self._done(resolved, g.Outcome(g.ALREADY_VALID))
+            return None
+        return resolved
+
     def _blocked(self, goal) -> bool:
         return all(d.outcome is not None for d in goal.deps)
 
@@ -198,7 +280,7 @@ class Realiser:
             if not goal.check and self.wanted_valid(goal) and self.all_valid(goal):
                 goal.outcome = g.Outcome(g.ALREADY_VALID)
                 continue
-            if len(running) >= max(self.max_jobs, 0) or not self._try(goal, running, sel):
+            if (running and len(running) >= self.max_jobs) or not self._try(goal, running, sel):
                 still.append(goal)
         return still
 
@@ -211,7 +293,15 @@ class Realiser:
                                      "unable to start any build; either increase '--max-jobs' "
                                      "or enable remote builds")
             return True
-        job = BuildJob(self, goal)
+        try:
+            job_goal = self._resolved(goal) if goal.deferred and goal.drv.input_drvs else goal
+        except StoreRefusal as exc:
+            goal.outcome = g.Outcome(g.MISC_FAILURE, exc.message)
+            self._failed = True
+            return True
+        if job_goal is None:
+            return True  # resolved to outputs that are already valid
+        job = BuildJob(self, job_goal)
         try:
             started = job.try_start()
         except StoreRefusal as exc:
@@ -220,7 +310,7 @@ class Realiser:
             self._failed = True
             return True
         if started is None:
-            goal.outcome = g.Outcome(g.ALREADY_VALID)
+            self._done(job_goal, g.Outcome(g.ALREADY_VALID))
             return True
         if not started:
             return False
@@ -238,9 +328,7 @@ class Realiser:
             if not job.on_readable():
                 sel.unregister(job.fd)
                 del running[job.fd]
-                job.goal.outcome = job.finish()
-                if not job.goal.outcome.ok:
-                    self._failed = True
+                self._done(job.goal, job.finish())
         now = time.monotonic()
         for job in list(running.values()):
             job.check_timeouts(now)

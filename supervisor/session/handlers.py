@@ -105,7 +105,11 @@ def on_query_derivation_output_map(session, req: schema.QueryDerivationOutputMap
     full = session.full(drv)
     if not session.db.is_valid(full):
         raise StoreRefusal(f"path '{full}' is not valid")
-    outputs = session.db.query_derivation_outputs(full)
+    from nixwarden.supervisor.build import ca
+    from nixwarden.supervisor.store.drvoutputs import read_drv
+    outputs = ca.output_map(session.db, session.store_dir,
+                            lambda p: read_drv(session.writer.store_fd, session.store_dir, p),
+                            full)
     return schema.OutputMap(sorted(outputs.items()))
 
 

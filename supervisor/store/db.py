@@ -331,6 +331,49 @@ class StoreDB:
                 return {}
             return dict(self._read(_QUERY_DRV_OUTPUTS, (drv_id,)))
 
+    # -- realisations (ca-derivations) ---------------------------------------
+
+    def ensure_ca_schema(self) -> None:
+        """Create Nix 2.8's ``Realisations`` tables if they are missing.
+
+        Tables a newer Nix created are used as they are.
+        """
+        def run() -> None:
+            for statement in _CA_SCHEMA:
+                self.conn.execute(statement)
+        self._write(run)
+        schema_file = os.path.join(self.layout.db_dir, "ca-schema")
+        if not os.path.exists(schema_file):
+            with open(schema_file, "w") as f:
+                f.write("3")
+
+    def register_realisation(self, drv_output: str, output_name: str, out_path: str,
+                             signatures: Iterable[str] = ()) -> None:
+        """Record that ``drv_output`` (``sha256:<hex>``) ! ``output_name`` is ``out_path``."""
+        def run() -> None:
+            out_id = self._require_id(out_path)
+            row = self.conn.execute(
+                "select id from Realisations where drvPath = ? and outputName = ?",
+                (drv_output, output_name)).fetchone()
+            sigs = " ".join(sorted(set(signatures))) or None
+            if row is None:
+                self.conn.execute(
+                    "insert into Realisations (drvPath, outputName, outputPath, signatures) "
+                    "values (?, ?, ?, ?)", (drv_output, output_name, out_id, sigs))
+        self._write(run)
+
+    def query_realisation(self, drv_output: str, output_name: str
+                          ) -> tuple[str, tuple[str, ...]] | None:
+        """(output path, signatures) of a realisation, if known and valid."""
+        rows = self._read(
+            "select ValidPaths.path, Realisations.signatures from Realisations "
+            "join ValidPaths on ValidPaths.id = Realisations.outputPath "
+            "where drvPath = ? and outputName = ?", (drv_output, output_name))
+        if not rows:
+            return None
+        path, sigs = rows[0]
+        return path, tuple((sigs or "").split())
+
     def query_deriver(self, path: str) -> str | None:
         info = self.query_path_info(path)
         return info.deriver if info else None
@@ -512,3 +555,23 @@ def _apply_pragmas(conn: sqlite3.Connection) -> None:
     if mode.lower() != "wal":
         conn.execute("pragma main.journal_mode = wal;")
     conn.execute("pragma wal_autocheckpoint = 40000;")
+
+
+# Nix 2.8's ca-specific-schema.sql (ca-schema version 3).
+_CA_SCHEMA = (
+    """create table if not exists Realisations (
+        id integer primary key autoincrement not null,
+        drvPath text not null,
+        outputName text not null,
+        outputPath integer not null,
+        signatures text,
+        foreign key (outputPath) references ValidPaths(id) on delete cascade)""",
+    "create index if not exists IndexRealisations on Realisations(drvPath, outputName)",
+    """create table if not exists RealisationsRefs (
+        referrer integer not null,
+        realisationReference integer,
+        foreign key (referrer) references Realisations(id) on delete cascade,
+        foreign key (realisationReference) references Realisations(id) on delete restrict)""",
+    "create index if not exists IndexRealisationsRefs on RealisationsRefs(referrer)",
+    "create index if not exists IndexRealisationsRefsOnOutputPath on Realisations(outputPath)",
+)
