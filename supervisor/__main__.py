@@ -18,7 +18,6 @@ from nixwarden.supervisor import cli, listener, logs
 from nixwarden.supervisor.daemon import Daemon
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.supervisor.locations import LocationError, resolve_locations
-from nixwarden.supervisor.store.db import StoreDB
 from nixwarden.supervisor.store.layout import StoreLayout
 
 log = logging.getLogger("nixwarden")
@@ -36,12 +35,11 @@ def ensure_worker_user(name: str) -> None:
                     "--shell", "/usr/sbin/nologin", "--user-group", name], check=True)
 
 
-def prepare_store(locations) -> StoreLayout:
-    layout = StoreLayout(locations.store_dir, locations.real_store_dir,
-                         locations.state_dir, locations.log_dir)
-    layout.ensure_directories(as_root=os.geteuid() == 0)
-    StoreDB.open(layout).close()
-    return layout
+def store_layout(locations) -> StoreLayout:
+    """The store the daemon serves.  Like nix-daemon, nothing is created
+    here: each connection's session opens (and if need be creates) it."""
+    return StoreLayout(locations.store_dir, locations.real_store_dir,
+                       locations.state_dir, locations.log_dir)
 
 
 def run_daemon(opts) -> int:
@@ -50,7 +48,7 @@ def run_daemon(opts) -> int:
     for line in opts.warnings:
         log.warning("%s", line)
     locations = resolve_locations(opts.settings, os.environ, os.geteuid(), stdio=opts.stdio)
-    layout = prepare_store(locations)
+    layout = store_layout(locations)
     worker_user = opts.settings.worker_user
     if os.geteuid() == 0:
         ensure_worker_user(worker_user)

@@ -108,8 +108,12 @@ class StoreClient:
     def add_temp_root(self, path: str) -> None:
         self._call(schema.AddTempRoot(path), schema.Ok)
 
-    def query_realisation(self, output_id: str) -> list[str]:
-        return self._call(schema.QueryRealisation(output_id), schema.Strings).items
+    def query_realisation(self, drv_hash: str, output: str) -> list[str]:
+        """[output path, signatures...] or [] when unknown."""
+        return self._call(schema.QueryRealisation(drv_hash, output), schema.Strings).items
+
+    def register_drv_output(self, drv_hash: str, output: str, path: str, sigs) -> None:
+        self._call(schema.RegisterDrvOutput(drv_hash, output, path, list(sigs)), schema.Ok)
 
     def _stream(self, request, chunks, expect: type):
         """Send ``request``, then the bulk data as Chunk frames and End."""

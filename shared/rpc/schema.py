@@ -93,7 +93,16 @@ class AddTempRoot(_Msg, tag=28):
 
 
 class QueryRealisation(_Msg, tag=30):
-    output_id: str
+    drv_hash: str  # "sha256:<hex>", the hash modulo of the derivation
+    output: str
+
+
+class RegisterDrvOutput(_Msg, tag=70):
+    """A realisation a client claims: checked (the path must be valid) by the session."""
+    drv_hash: str
+    output: str
+    out_path: str
+    signatures: list[str]
 
 
 class CheckNarReadable(_Msg, tag=32):
@@ -237,7 +246,7 @@ Request = Union[
     CheckNarReadable, AddToStoreNar, AddToStore, Chunk, End, AddSignatures,
     ImportPath, ImportPathMeta, BuildPaths, EnsurePath, BuildDerivation,
     AddIndirectRoot, FindRoots, CollectGarbage, AddPermRoot, OptimiseStore,
-    VerifyStore, AddBuildLog,
+    VerifyStore, AddBuildLog, RegisterDrvOutput,
 ]
 
 
@@ -319,7 +328,7 @@ class BuildResult(_Msg, tag=27):
     is_non_deterministic: bool
     start_time: int
     stop_time: int
-    built_outputs: list[tuple[str, str]]  # (output name, output path)
+    built_outputs: list[tuple[str, str, str]]  # (output name, path, "sha256:<hex>" drv hash)
 
 
 class BuildResults(_Msg, tag=29):

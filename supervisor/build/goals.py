@@ -32,6 +32,7 @@ class Outcome:
     start_time: int = 0
     stop_time: int = 0
     exit_bits: int = 0  # 0x04 failure, 0x01 timeout, 0x02 hash mismatch, 0x08 check
+    output_ids: dict[str, str] = field(default_factory=dict)  # output -> DrvOutput hash
 
     @property
     def ok(self) -> bool:
@@ -88,6 +89,7 @@ class Planner:
             self.goals[drv_path] = goal
             for dep_path, dep_outputs in drv.input_drvs.items():
                 dep = self.goal(dep_path, set(dep_outputs))
+                _check_impure_input(goal, dep)
                 goal.deps.append(dep)
                 dep.dependents.append(goal)
         names = set(goal.drv.outputs) if wanted is None else wanted
@@ -108,3 +110,11 @@ class Planner:
                 wanted = None if outputs == "*" else set(outputs.split(","))
                 result.append((text, self.goal(path, wanted)))
         return Plan(self.goals, result)
+
+
+def _check_impure_input(goal: DrvGoal, dep: DrvGoal) -> None:
+    """Only impure (or fixed-output) derivations may depend on impure ones."""
+    impure = "impure"
+    if dep.drv.type().value == impure and goal.drv.type().value not in (impure, "fixed"):
+        raise StoreRefusal(f"pure derivation '{goal.drv_path}' depends on impure derivation "
+                           f"'{dep.drv_path}'")

@@ -57,7 +57,7 @@ class BuildJob:
         if not self.lock.acquire(wait=False):
             self.lock = None
             return False
-        if self.r.all_valid(self.goal) and not self.goal.check:
+        if self.r.wanted_valid(self.goal) and not self.goal.check:
             self.release()
             return None
         if self.r.needs_build_user():
@@ -257,7 +257,7 @@ def run_post_build_hook(r, drv_path: str, outputs) -> None:
         return
     env = dict(os.environ, DRV_PATH=drv_path, OUT_PATHS=" ".join(sorted(outputs)),
                NIX_CONFIG="".join(f"{name} = {r.settings.raw(name)}\n"
-                                  for name in sorted(r.settings.values)))
+                                  for name in sorted(r.settings.overridden)))
     act = r.client.start(Verbosity.INFO, ActivityType.POST_BUILD_HOOK,
                          f"running post-build-hook '{hook}'", (drv_path,), r.builds_act)
     try:

@@ -21,6 +21,7 @@ from nixwarden.shared import nar
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.hashes import Hash, HashAlgo, HashSink
 from nixwarden.shared.storepath import ContentAddress
+from nixwarden.shared.derivation import OutputKind
 from nixwarden.shared.storepath import output_path_name
 from nixwarden.supervisor.build import ca
 from nixwarden.supervisor.build.canonical import canonicalise
@@ -63,20 +64,31 @@ class OutputRegistrar:
         Raises:
             StoreRefusal: a missing or suspicious output, a hash mismatch.
         """
-        from nixwarden.supervisor.build.refscan import scan_references
+        from nixwarden.supervisor.build.refscan import rewrite_hashes, scan_references
         candidates = self.input_closure(goal) | set(build_outputs.values())
-        infos, realisations = {}, []
+        scanned = {}
         for name, built in sorted(build_outputs.items()):
             real = self.r.layout.real_path(built)
             self._check_output(goal, name, built, real, user)
             canonicalise(real, from_uid=user.user.uid if user else None)
-            refs = scan_references(real, candidates, self.r.layout.store_dir)
+            scanned[name] = scan_references(real, candidates, self.r.layout.store_dir)
+        infos, realisations, rewrites = {}, [], {}
+        for name in _outputs_in_reference_order(build_outputs, scanned, goal.drv_path):
+            built = build_outputs[name]
+            real = self.r.layout.real_path(built)
+            refs = scanned[name]
+            if rewrites and refs & set(rewrites):
+                rewrite_hashes(real, {_hash_part(a): _hash_part(b) for a, b in rewrites.items()})
+                canonicalise(real, from_uid=None)
+                refs = {rewrites.get(r, r) for r in refs}
             ca_text = self._check_fixed(goal, name, built, real)
             path = built
             if goal.drv.outputs[name].path is None:
                 path, refs, ca_text = self._settle_floating(goal, name, built, real, refs)
+                rewrites[built] = path
                 real = self.r.layout.real_path(path)
-                realisations.append((name, path))
+                if goal.drv.outputs[name].kind is not OutputKind.IMPURE:
+                    realisations.append((name, path))
             nar_hash, nar_size = nar.nar_hash_of_path(real)
             infos[name] = PathInfo(path, goal.drv_path, f"sha256:{nar_hash.to_base16()}",
                                    tuple(sorted(refs)), 0, nar_size, True,
@@ -231,6 +243,27 @@ def _content_hash(real: str, method: str, algo: HashAlgo) -> Hash:
 
 def _hash_part(path: str) -> str:
     return os.path.basename(path)[:32]
+
+
+def _outputs_in_reference_order(build_outputs, scanned, drv_path) -> list[str]:
+    """Outputs ordered so that each comes after the outputs it refers to.
+
+    Raises:
+        StoreRefusal: the outputs refer to each other in a cycle.
+    """
+    by_path = {p: n for n, p in build_outputs.items()}
+    deps = {n: {by_path[r] for r in scanned[n] if r in by_path and by_path[r] != n}
+            for n in build_outputs}
+    order, done = [], set()
+    while len(order) < len(deps):
+        ready = sorted(n for n in deps if n not in done and deps[n] <= done)
+        if not ready:
+            cyclic = sorted(n for n in deps if n not in done)
+            raise StoreRefusal(f"cycle detected in the references of '{build_outputs[cyclic[0]]}'"
+                               f" from '{build_outputs[cyclic[-1]]}'")
+        order.extend(ready)
+        done.update(ready)
+    return order
 
 
 def _file_chunks(real: str):

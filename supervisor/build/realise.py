@@ -19,7 +19,7 @@ import selectors
 import socket
 import time
 
-from nixwarden.shared.derivation import parse_derivation, print_derivation
+from nixwarden.shared.derivation import OutputKind, parse_derivation, print_derivation
 from nixwarden.shared.derivation_hash import hash_derivation_modulo
 from nixwarden.supervisor.build import ca
 from nixwarden.shared.errors import StoreRefusal
@@ -97,7 +97,7 @@ class Realiser:
                                    "override")
             self.db.ensure_ca_schema()
             for name in paths:
-                if paths[name] is None:
+                if paths[name] is None and drv.outputs[name].kind is not OutputKind.IMPURE:
                     found = self.db.query_realisation(ca.drv_output_id(drv_hash[name]), name)
                     paths[name] = found[0] if found else None
         return paths, drv_hash.deferred
@@ -169,8 +169,10 @@ class Realiser:
         if outcome.ok:
             outs = {o: target.output_paths[o] for o in sorted(target.wanted)
                     if target.output_paths.get(o)}
+            drv_hash = self.drv_hash(target.drv)
+            ids = {o: ca.drv_output_id(drv_hash[o]) for o in outs}
             return g.Outcome(outcome.status, "", outs, outcome.times_built,
-                             outcome.start_time, outcome.stop_time)
+                             outcome.start_time, outcome.stop_time, output_ids=ids)
         return outcome
 
     # --- scheduling ----------------------------------------------------------------
@@ -277,7 +279,7 @@ class Realiser:
                 goal.outcome = g.Outcome(g.MISC_FAILURE, f"some outputs of '{goal.drv_path}' "
                                          "are not valid, so checking is not possible")
                 continue
-            if not goal.check and self.wanted_valid(goal) and self.all_valid(goal):
+            if not goal.check and self.wanted_valid(goal):
                 goal.outcome = g.Outcome(g.ALREADY_VALID)
                 continue
             if (running and len(running) >= self.max_jobs) or not self._try(goal, running, sel):
@@ -288,19 +290,22 @@ class Realiser:
         return not self.keep_going and getattr(self, "_failed", False)
 
     def _try(self, goal, running, sel) -> bool:
-        if self.max_jobs == 0:
-            goal.outcome = g.Outcome(g.MISC_FAILURE,
-                                     "unable to start any build; either increase '--max-jobs' "
-                                     "or enable remote builds")
-            return True
         try:
-            job_goal = self._resolved(goal) if goal.deferred and goal.drv.input_drvs else goal
+            needs_resolve = goal.drv.input_drvs and (
+                goal.deferred or any(d.deferred for d in goal.deps))
+            job_goal = self._resolved(goal) if needs_resolve else goal
         except StoreRefusal as exc:
             goal.outcome = g.Outcome(g.MISC_FAILURE, exc.message)
             self._failed = True
             return True
         if job_goal is None:
             return True  # resolved to outputs that are already valid
+        if self.max_jobs == 0:
+            goal.outcome = g.Outcome(g.MISC_FAILURE,
+                                     "unable to start any build; either increase '--max-jobs' "
+                                     "or enable remote builds")
+            self._failed = True
+            return True
         job = BuildJob(self, job_goal)
         try:
             started = job.try_start()

@@ -46,6 +46,7 @@ def on_set_options(session, req: schema.SetOptions):
         "substitute": req.use_substitutes})
     session.settings, warnings = session.settings.with_overrides(
         req.overrides, trusted=session.identity.trusted)
+    session.writer.set_policy(session.settings)
     shown = []
     for text in warnings:
         if text.startswith(RESTRICTED_SETTING):
@@ -153,8 +154,34 @@ def on_add_temp_root(session, req: schema.AddTempRoot):
     return schema.Ok()
 
 
+def _check_drv_hash(text: str) -> str:
+    from nixwarden.shared.hashes import Hash, HashAlgo
+    try:
+        return f"sha256:{Hash.parse(text, HashAlgo.SHA256).to_base16()}"
+    except ValueError as exc:
+        raise StoreRefusal(str(exc)) from None
+
+
 def on_query_realisation(session, req: schema.QueryRealisation):
-    return schema.Strings([])  # no content-addressed derivations yet
+    session.db.ensure_ca_schema()
+    found = session.db.query_realisation(_check_drv_hash(req.drv_hash), req.output)
+    if found is None:
+        return schema.Strings([])
+    session.temp_roots.add(found[0])
+    return schema.Strings([found[0], *found[1]])
+
+
+def on_register_drv_output(session, req: schema.RegisterDrvOutput):
+    path = _paths(session, [req.out_path])[0]
+    if not session.settings.feature_enabled("ca-derivations"):
+        raise StoreRefusal("experimental Nix feature 'ca-derivations' is disabled; use "
+                           "'--extra-experimental-features ca-derivations' to override")
+    if not session.db.is_valid(path):
+        raise StoreRefusal(f"path '{path}' is not valid")
+    session.db.ensure_ca_schema()
+    session.db.register_realisation(_check_drv_hash(req.drv_hash), req.output, path,
+                                    req.signatures)
+    return schema.Ok()
 
 
 def on_check_nar_readable(session, req: schema.CheckNarReadable):
@@ -269,9 +296,10 @@ def _realise(session, targets: list[str], mode: int):
 
 
 def _result_msg(outcome) -> schema.BuildResult:
+    outputs = [(name, path, outcome.output_ids.get(name, ""))
+               for name, path in sorted(outcome.outputs.items())]
     return schema.BuildResult(outcome.status, outcome.error, outcome.times_built, False,
-                              outcome.start_time, outcome.stop_time,
-                              sorted(outcome.outputs.items()))
+                              outcome.start_time, outcome.stop_time, outputs)
 
 
 def on_build_paths(session, req: schema.BuildPaths):

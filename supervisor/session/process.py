@@ -51,18 +51,6 @@ def _reset_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def _public_keys(settings) -> dict:
-    """Keys whose signatures this session accepts (trusted-public-keys and
-    the public halves of secret-key-files)."""
-    try:
-        from nixwarden.supervisor.store import signatures
-        return signatures.load_public_keys(settings.trusted_public_keys,
-                                           settings.secret_key_files)
-    except Exception as exc:  # an unreadable key file must not kill queries
-        log.error("cannot load signing keys: %s", exc)
-        return {}
-
-
 def _db_identity(layout) -> tuple[int, int] | None:
     try:
         st = os.stat(layout.db_path)
@@ -95,8 +83,7 @@ def session_main(ctl: socket.socket, layout, settings) -> None:
     spawner.title(f"session uid={identity.uid}")
     roots = TempRoots(layout)
     session = Session(identity, settings, layout, db, roots)
-    session.writer = StoreWriter(layout, db, roots, _public_keys(settings),
-                                 bool(settings.require_sigs))
+    session.writer = StoreWriter(layout, db, roots, settings)
     try:
         code = loop.serve(session, Channel(socket.socket(fileno=rpc_fd)))
     finally:

@@ -49,18 +49,24 @@ class NarClaim:
 class StoreWriter:
     """The adding side of one session's local store."""
 
-    def __init__(self, layout, db, temp_roots, public_keys, require_sigs: bool):
+    def __init__(self, layout, db, temp_roots, settings):
         self.layout = layout
         self.db = db
         self.temp_roots = temp_roots
         self.store_dir = StoreDir(layout.store_dir)
-        self.public_keys = public_keys
-        self.require_sigs = require_sigs
+        self.set_policy(settings)
         self.store_fd = os.open(layout.real_store_dir,
                                 os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def close(self) -> None:
         os.close(self.store_fd)
+
+    def set_policy(self, settings) -> None:
+        """Signature policy from the session's settings (again after SetOptions)."""
+        from nixwarden.supervisor.store import signatures
+        self.require_sigs = bool(settings.require_sigs)
+        self.public_keys = signatures.load_public_keys(settings.trusted_public_keys,
+                                                       settings.secret_key_files)
 
     # --- receiving ---------------------------------------------------------------
 
@@ -99,6 +105,7 @@ class StoreWriter:
             return
         ca_method = claim.ca.method_algo if claim.ca else None
         name, got = self._receive(chunks, nar_input=True, ca=ca_method)
+        self._current_entry = name
         try:
             self._check_nar(claim, got)
         except BaseException:
@@ -120,15 +127,30 @@ class StoreWriter:
                 f"size mismatch importing path '{claim.path}';\n"
                 f"  specified: {claim.nar_size}\n  got:       {got.nar_size}")
         if claim.ca is not None:
-            if got.ca_hash != claim.ca.hash:
+            got_ca = got.ca_hash
+            if claim.path in claim.references:
+                got_ca = self._ca_hash_modulo_self(claim)
+            if got_ca != claim.ca.hash:
                 raise StoreRefusal(
                     f"ca hash mismatch importing path '{claim.path}';\n"
                     f"  specified: {claim.ca.hash.to_prefixed('nix32')}\n"
-                    f"  got:       {got.ca_hash.to_prefixed('nix32')}")
+                    f"  got:       {got_ca.to_prefixed('nix32')}")
             if not self._ca_matches_path(claim.path, claim.ca, claim.references):
                 raise StoreRefusal(
                     f"cannot add path '{claim.path}' to the Nix store because it claims "
                     "to be content-addressed but isn't")
+
+    def _ca_hash_modulo_self(self, claim: NarClaim) -> Hash:
+        """The content hash of a self-referencing object (spec SF §11.3)."""
+        from nixwarden.shared import nar
+        from nixwarden.supervisor.build.ca import hash_modulo_self
+        real = os.path.join(self.layout.real_store_dir, self._current_entry)
+        hash_part = self.store_dir.parse(claim.path).hash_part
+        if claim.ca.method == "nar":
+            return hash_modulo_self(nar.dump(real), hash_part, claim.ca.hash.algo)
+        with open(real, "rb") as f:
+            return hash_modulo_self(iter(lambda: f.read(1 << 20), b""), hash_part,
+                                    claim.ca.hash.algo)
 
     def _ca_matches_path(self, path: str, ca: ContentAddress, references) -> bool:
         sp = self.store_dir.parse(path)

@@ -355,7 +355,7 @@ class StoreDB:
             row = self.conn.execute(
                 "select id from Realisations where drvPath = ? and outputName = ?",
                 (drv_output, output_name)).fetchone()
-            sigs = " ".join(sorted(set(signatures))) or None
+            sigs = " ".join(sorted(set(signatures)))  # never NULL: Nix 2.8 reads it as text
             if row is None:
                 self.conn.execute(
                     "insert into Realisations (drvPath, outputName, outputPath, signatures) "

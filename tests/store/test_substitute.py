@@ -15,6 +15,7 @@ the result with the real ``nix-store --verify --check-contents``.
 from __future__ import annotations
 
 import os
+import types
 import shutil
 import subprocess
 
@@ -145,8 +146,9 @@ class Dest:
         self.layout = StoreLayout.chroot(root, world.store_dir)
         self.db = StoreDB.open(self.layout)
         self.roots = TempRoots(self.layout)
-        keys = signatures.load_public_keys([world.pk], [])
-        self.writer = StoreWriter(self.layout, self.db, self.roots, keys, require_sigs)
+        policy = types.SimpleNamespace(require_sigs=require_sigs,
+                                       trusted_public_keys=[world.pk], secret_key_files=[])
+        self.writer = StoreWriter(self.layout, self.db, self.roots, policy)
         self.log = Log()
         self.messages = []
 

@@ -9,14 +9,13 @@ decides what each client may ask.  Process: worker.
 
 from __future__ import annotations
 
-import json
-
 from nixwarden.shared import limits
 from nixwarden.shared.rpc import schema
 from nixwarden.shared.wire import primitives as w
 from nixwarden.shared.wire.ops import Op, ProtocolVersion
 from nixwarden.worker.ops import op, read_path, read_paths
-from nixwarden.worker.ops.queries import check_derived_path, normalise_derived_path
+from nixwarden.worker.ops.queries import (check_derived_path, normalise_derived_path,
+                                          realisation_json)
 
 BUILD_MODE = ProtocolVersion(1, 15)
 BUILT_OUTPUTS = ProtocolVersion(1, 28)
@@ -48,12 +47,9 @@ def w_build_result(result: schema.BuildResult, version: ProtocolVersion) -> byte
         out += w.w_u64(0) + w.w_u64(0)  # cpuUser, cpuSystem: not measured
     if version >= BUILT_OUTPUTS:
         realisations = {}
-        for name, path in result.built_outputs:
-            key = f"{DUMMY_DRV_HASH}!{name}"
-            realisations[key] = json.dumps(
-                {"dependentRealisations": {}, "id": key,
-                 "outPath": path.rsplit("/", 1)[1], "signatures": []},
-                separators=(",", ":"))
+        for name, path, drv_hash in result.built_outputs:
+            drv_hash = drv_hash or DUMMY_DRV_HASH
+            realisations[f"{drv_hash}!{name}"] = realisation_json(drv_hash, name, path, [])
         out += w.w_string_map(realisations)
     return out
 

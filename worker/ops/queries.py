@@ -7,6 +7,8 @@ store calls as their successors.  Process: worker.
 
 from __future__ import annotations
 
+import json
+
 from nixwarden.shared import limits
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.wire import primitives as w
@@ -187,11 +189,58 @@ def query_missing(ctx):
     return run
 
 
+def parse_drv_output(text: str) -> tuple[str, str]:
+    """``sha256:<hex>!<output>`` -> (hash, output)."""
+    drv_hash, bang, output = text.rpartition("!")
+    if not bang or not drv_hash or not output:
+        raise StoreRefusal(f"invalid derivation output id '{text}'")
+    return drv_hash, output
+
+
+def realisation_json(drv_hash: str, output: str, path: str, sigs) -> str:
+    """A realisation as Nix 2.4-2.34 send it (spec §2.9 b): keys sorted, compact."""
+    return json.dumps({"dependentRealisations": {}, "id": f"{drv_hash}!{output}",
+                       "outPath": path.rsplit("/", 1)[1], "signatures": sorted(sigs)},
+                      separators=(",", ":"), sort_keys=True)
+
+
 @op(Op.QUERY_REALISATION)
 def query_realisation(ctx):
     output_id = yield from w.string(limits.MAX_STORE_PATH)
 
     def run():
-        found = ctx.store.query_realisation(output_id)
-        return w.w_string_set(found)
+        drv_hash, output = parse_drv_output(output_id)
+        found = ctx.store.query_realisation(drv_hash, output)
+        if not found:
+            return w.w_strings([])
+        if ctx.version < REALISATION_JSON:
+            return w.w_strings([found[0]])
+        return w.w_strings([realisation_json(drv_hash, output, found[0], found[1:])])
+    return run
+
+
+@op(Op.REGISTER_DRV_OUTPUT)
+def register_drv_output(ctx):
+    if ctx.version < REALISATION_JSON:
+        output_id = yield from w.string(limits.MAX_STORE_PATH)
+        base = yield from w.string(limits.MAX_STORE_PATH)
+        fields = (output_id, f"{ctx.store_dir}/{base}", [])
+    else:
+        text = yield from w.string(limits.MAX_STRING)
+        fields = text
+
+    def run():
+        if isinstance(fields, str):
+            try:
+                obj = json.loads(fields)
+                output_id = obj["id"]
+                path = f"{ctx.store_dir}/{obj['outPath']}"
+                sigs = [str(x) for x in obj.get("signatures", [])]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreRefusal(f"invalid realisation: {exc}") from None
+        else:
+            output_id, path, sigs = fields
+        drv_hash, output = parse_drv_output(output_id)
+        ctx.store.register_drv_output(drv_hash, output, ctx.check_path(path), sigs)
+        return b""
     return run
