@@ -51,6 +51,7 @@ class DrvGoal:
     check: bool = False  # --check: rebuild valid outputs and compare
     deferred: bool = False  # output paths depend on content-addressed inputs or outputs
     original: "DrvGoal | None" = None  # for a resolved derivation: the one it stands for
+    expanded: bool = False  # input derivations added as goals
 
     @property
     def name(self) -> str:
@@ -72,12 +73,17 @@ def parse_target(text: str) -> tuple[str, str | None]:
 class Planner:
     """Builds the goal graph; ``view`` reads derivations and validity."""
 
-    def __init__(self, view):
+    def __init__(self, view, *, check: bool = False):
         self.view = view
+        self.check = check
         self.goals: dict[str, DrvGoal] = {}
 
     def goal(self, drv_path: str, wanted: set[str] | None) -> DrvGoal:
-        """The goal for ``drv_path`` (``None`` = all outputs), created once."""
+        """The goal for ``drv_path`` (``None`` = all outputs), created once.
+
+        Its input derivations become goals only when a wanted output is
+        not valid yet: like Nix, nothing is built for outputs that exist.
+        """
         goal = self.goals.get(drv_path)
         if goal is None:
             if not self.view.is_valid(drv_path):
@@ -87,18 +93,23 @@ class Planner:
             paths, deferred = self.view.output_paths_and_deferred(drv_path, drv)
             goal = DrvGoal(drv_path, drv, paths, set(), deferred=deferred)
             self.goals[drv_path] = goal
-            for dep_path, dep_outputs in drv.input_drvs.items():
-                dep = self.goal(dep_path, set(dep_outputs))
-                _check_impure_input(goal, dep)
-                goal.deps.append(dep)
-                dep.dependents.append(goal)
         names = set(goal.drv.outputs) if wanted is None else wanted
         missing = names - set(goal.drv.outputs)
         if missing:
             raise StoreRefusal(f"derivation '{drv_path}' does not have wanted outputs "
                                + ", ".join(f"'{m}'" for m in sorted(missing)))
         goal.wanted |= names
+        if not goal.expanded and (self.check or not self.view.wanted_valid(goal)):
+            self._expand(goal)
         return goal
+
+    def _expand(self, goal: DrvGoal) -> None:
+        goal.expanded = True
+        for dep_path, dep_outputs in goal.drv.input_drvs.items():
+            dep = self.goal(dep_path, set(dep_outputs))
+            _check_impure_input(goal, dep)
+            goal.deps.append(dep)
+            dep.dependents.append(goal)
 
     def plan(self, targets: list[str]) -> Plan:
         result = []

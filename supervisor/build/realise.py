@@ -142,7 +142,7 @@ class Realiser:
 
     def build(self, targets: list[str], mode: int) -> list[tuple[str, g.Outcome]]:
         """Realise every target; return (target, outcome) in request order."""
-        plan = g.Planner(self).plan(targets)
+        plan = g.Planner(self, check=mode == CHECK).plan(targets)
         if mode == CHECK:
             for _, target in plan.targets:
                 if not isinstance(target, str):
