@@ -99,7 +99,11 @@ class Planner:
             raise StoreRefusal(f"derivation '{drv_path}' does not have wanted outputs "
                                + ", ".join(f"'{m}'" for m in sorted(missing)))
         goal.wanted |= names
-        if not goal.expanded and (self.check or not self.view.wanted_valid(goal)):
+        if goal.expanded or goal.outcome is not None:
+            return goal
+        if not self.check and not self.view.wanted_valid(goal) and self.view.try_substitute(goal):
+            return goal
+        if self.check or not self.view.wanted_valid(goal):
             self._expand(goal)
         return goal
 

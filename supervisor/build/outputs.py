@@ -89,6 +89,9 @@ class OutputRegistrar:
                 real = self.r.layout.real_path(path)
                 if goal.drv.outputs[name].kind is not OutputKind.IMPURE:
                     realisations.append((name, path))
+            if self.r.settings.get("auto-optimise-store"):
+                from nixwarden.supervisor.store.optimise import auto_optimise
+                auto_optimise(self.r.layout, real)
             nar_hash, nar_size = nar.nar_hash_of_path(real)
             infos[name] = PathInfo(path, goal.drv_path, f"sha256:{nar_hash.to_base16()}",
                                    tuple(sorted(refs)), 0, nar_size, True,

@@ -162,7 +162,10 @@ class Realiser:
             if self.db.is_valid(target):
                 self.temp_roots.add(target)
                 return g.Outcome(g.ALREADY_VALID)
-            return g.Outcome(g.NO_SUBSTITUTERS,
+            error = self._substitute([target]).get(target) if self._substitution_on() else None
+            if self.db.is_valid(target):
+                return g.Outcome(g.SUBSTITUTED)
+            return g.Outcome(g.NO_SUBSTITUTERS, error or
                              f"path '{target}' is required, but there is no substituter "
                              "that can build it")
         outcome = target.outcome
@@ -201,6 +204,69 @@ class Realiser:
             raise
         finally:
             sel.close()
+
+    # --- substitution --------------------------------------------------------------
+
+    def _substitution_on(self) -> bool:
+        return bool(self.settings.get("substitute")) and bool(self.session.substituters.urls)
+
+    def _substitute(self, paths: list[str], cas: dict | None = None) -> dict:
+        return self.session.substitute(paths, cas=cas)
+
+    def _known_cas(self, goal: g.DrvGoal) -> dict[str, str]:
+        """Content addresses of fixed outputs: such paths can come from caches
+        of another store directory too."""
+        from nixwarden.shared.storepath import ContentAddress
+        cas = {}
+        for name, out in goal.drv.outputs.items():
+            digest = out.content_hash
+            path = goal.output_paths.get(name)
+            if digest is not None and path:
+                cas[path] = ContentAddress(out.method, digest).render()
+        return cas
+
+    def try_substitute(self, goal: g.DrvGoal) -> bool:
+        """Fetch a derivation's missing wanted outputs instead of building it.
+
+        Returns True when the goal is settled (substituted, or failed
+        without ``fallback``); False when it must be built.
+        """
+        env = goal.drv.env
+        allowed = env.get("allowSubstitutes", "1") != "" or bool(
+            self.settings.get("always-allow-substitutes"))
+        if not self._substitution_on() or not allowed:
+            return False
+        wanted = [goal.output_paths.get(o) for o in sorted(goal.wanted)]
+        if not all(wanted):
+            return False
+        missing = [p for p in wanted if not self.db.is_valid(p)]
+        cas = self._known_cas(goal)
+        results = self._substitute(missing, cas)
+        errors = [results[p] for p in missing if results.get(p) is not None]
+        if not errors:
+            goal.outcome = g.Outcome(g.SUBSTITUTED)
+            return True
+        if any(getattr(e, "kind", "") == "failed" for e in errors) and \
+                not self.settings.get("fallback"):
+            goal.outcome = g.Outcome(
+                g.MISC_FAILURE, f"some substitutes for the outputs of derivation "
+                f"'{goal.drv_path}' failed (usually happens due to networking issues); try "
+                "'--fallback' to build derivation from source ")
+            self._failed = True
+            return True
+        return False
+
+    def _ensure_sources(self, goal: g.DrvGoal) -> str | None:
+        """Make the derivation's input sources valid; the error text if not."""
+        missing = [p for p in goal.drv.input_srcs if not self.db.is_valid(p)]
+        if not missing:
+            return None
+        results = self._substitute(missing) if self._substitution_on() else {}
+        for path in missing:
+            if not self.db.is_valid(path):
+                return results.get(path) or (f"dependency '{path}' of '{goal.drv_path}' does "
+                                             "not exist, and substitution is disabled")
+        return None
 
     # --- content-addressed derivations ---------------------------------------------
 
@@ -263,6 +329,8 @@ class Realiser:
     def _start_ready(self, pending, running, sel):
         still = []
         for goal in pending:
+            if goal.outcome is not None:
+                continue
             if any(d.outcome is None for d in goal.deps):
                 still.append(goal)
                 continue
@@ -281,6 +349,11 @@ class Realiser:
                 continue
             if not goal.check and self.wanted_valid(goal):
                 goal.outcome = g.Outcome(g.ALREADY_VALID)
+                continue
+            error = self._ensure_sources(goal)
+            if error:
+                goal.outcome = g.Outcome(g.MISC_FAILURE, error)
+                self._failed = True
                 continue
             if (running and len(running) >= self.max_jobs) or not self._try(goal, running, sel):
                 still.append(goal)

@@ -47,6 +47,7 @@ def on_set_options(session, req: schema.SetOptions):
     session.settings, warnings = session.settings.with_overrides(
         req.overrides, trusted=session.identity.trusted)
     session.writer.set_policy(session.settings)
+    session.reset_substituters()
     shown = []
     for text in warnings:
         if text.startswith(RESTRICTED_SETTING):
@@ -61,7 +62,15 @@ def on_is_valid_path(session, req: schema.IsValidPath):
 
 
 def on_query_valid_paths(session, req: schema.QueryValidPaths):
-    return schema.Paths(sorted(session.db.valid_subset(_paths(session, req.paths))))
+    paths = _paths(session, req.paths)
+    if req.substitute and session.settings.get("substitute"):
+        missing = [p for p in paths
+                   if not p.endswith(".drv") and p not in session.db.valid_subset([p])]
+        if missing:
+            for path, error in session.substitute(missing).items():
+                if error is not None and path in missing:
+                    session.client_log.log(1, f"\x1b[35;1mwarning:\x1b[0m {error}")
+    return schema.Paths(sorted(session.db.valid_subset(paths)))
 
 
 def on_query_path_info(session, req: schema.QueryPathInfo):
@@ -115,38 +124,26 @@ def on_query_derivation_output_map(session, req: schema.QueryDerivationOutputMap
 
 
 def on_query_substitutable_paths(session, req: schema.QuerySubstitutablePaths):
-    _paths(session, req.paths)
-    return schema.Paths([])  # no substituters yet
+    paths = _paths(session, req.paths)
+    return schema.Paths(sorted(session.substituters.query_substitutable(paths)))
 
 
 def on_query_substitutable_path_infos(session, req: schema.QuerySubstitutablePathInfos):
-    _paths(session, [p for p, _ in req.paths])
-    return schema.SubstitutableInfos([])  # no substituters yet
+    paths = _paths(session, [p for p, _ in req.paths])
+    infos = session.substituters.query_infos(paths, dict(req.paths))
+    return schema.SubstitutableInfos(sorted(
+        (i.path, i.deriver, sorted(i.references), i.download_size, i.nar_size)
+        for i in infos.values()))
 
 
 def on_query_missing(session, req: schema.QueryMissing):
-    will_build, unknown = set(), set()
+    from nixwarden.supervisor.session.missing import query_missing
     for target in req.targets:
         path_text, bang, outputs = target.partition("!")
-        path = _paths(session, [path_text])[0]
-        if not bang:
-            if not session.db.is_valid(path):
-                unknown.add(path)
-            continue
-        if not session.store_path(path_text).is_derivation:
+        session.store_path(path_text)
+        if bang and (not session.store_path(path_text).is_derivation or not outputs):
             raise WorkerViolation(f"derived path '{target}' names no derivation")
-        if not session.db.is_valid(path):
-            unknown.add(path)
-        elif _missing_outputs(session, path, outputs):
-            will_build.add(path)
-    return schema.Missing(sorted(will_build), [], sorted(unknown), 0, 0)
-
-
-def _missing_outputs(session, drv: str, outputs: str) -> bool:
-    known = session.db.query_derivation_outputs(drv)
-    wanted = known.keys() if outputs == "*" else outputs.split(",")
-    return any(name not in known or not session.db.is_valid(known[name])
-               for name in wanted)
+    return query_missing(session, req.targets)
 
 
 def on_add_temp_root(session, req: schema.AddTempRoot):
@@ -323,7 +320,9 @@ def on_build_paths(session, req: schema.BuildPaths):
 def on_ensure_path(session, req: schema.EnsurePath):
     path = _paths(session, [req.path])[0]
     if not session.db.is_valid(path):
-        raise StoreRefusal(f"path '{path}' does not exist and cannot be created")
+        error = session.substitute([path]).get(path)
+        if error is not None or not session.db.is_valid(path):
+            raise StoreRefusal(error or f"path '{path}' does not exist and cannot be created")
     session.temp_roots.add(path)
     return schema.Ok()
 
@@ -377,8 +376,8 @@ def on_add_perm_root(session, req: schema.AddPermRoot):
 
 def on_optimise_store(session, req: schema.OptimiseStore):
     from nixwarden.supervisor.store import optimise
-    optimise.optimise_store(session.layout, session.db,
-                            lambda text: session.client_log.log(3, text))
+    optimise.optimise_store(session.layout, session.db, session.client_log.log,
+                            acts=session.client_log, add_temp_root=session.temp_roots.add)
     return schema.Ok()
 
 

@@ -27,6 +27,7 @@ class Session:
     writer: object = None  # supervisor.store.adding.StoreWriter
     channel: object = None  # shared.rpc.channel.Channel, set by the loop
     client_log: object = None  # session.clientlog.ClientLog, set by the loop
+    substituters: object = None  # store.substitute.Substituters for the current settings
     store_dir: StoreDir = field(init=False)
     requests: int = 0
 
@@ -46,6 +47,25 @@ class Session:
 
     def full(self, sp: StorePath) -> str:
         return self.store_dir.print(sp)
+
+    def reset_substituters(self) -> None:
+        """(Re)create the binary caches from the current settings."""
+        from nixwarden.supervisor.store.substitute import Substituters
+        if self.substituters is not None:
+            self.substituters.close()
+        self.substituters = Substituters(
+            self.settings, self.store_dir, self.layout.state_dir,
+            log=lambda level, text: self.client_log.log(level, text) if self.client_log else None)
+
+    def substitute(self, paths, *, repair: bool = False, cas=None) -> dict:
+        """Fetch ``paths`` (and their closures) from the binary caches.
+
+        ``cas``: known content addresses (path -> text), which let a cache
+        of another store directory serve those paths.
+        """
+        kwargs = {"cas": cas} if cas else {}
+        return self.substituters.substitute(paths, self.writer, self.client_log,
+                                            repair=repair, **kwargs)
 
     def stream(self):
         """The bulk data following the current request: Chunk payloads until End.

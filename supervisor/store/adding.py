@@ -65,6 +65,7 @@ class StoreWriter:
         """Signature policy from the session's settings (again after SetOptions)."""
         from nixwarden.supervisor.store import signatures
         self.require_sigs = bool(settings.require_sigs)
+        self.auto_optimise = bool(getattr(settings, "get", lambda _: False)("auto-optimise-store"))
         self.public_keys = signatures.load_public_keys(settings.trusted_public_keys,
                                                        settings.secret_key_files)
 
@@ -233,6 +234,9 @@ class StoreWriter:
                     return self.db.query_path_info(info.path)
                 remove_entry(self.store_fd, base)
                 os.rename(entry, base, src_dir_fd=self.store_fd, dst_dir_fd=self.store_fd)
+                if self.auto_optimise:
+                    from nixwarden.supervisor.store.optimise import auto_optimise
+                    auto_optimise(self.layout, self.layout.real_path(info.path))
                 try:
                     self.db.register_valid_paths([info], self._derivation_outputs(info))
                 except BaseException:

@@ -333,6 +333,10 @@ class StoreDB:
 
     # -- realisations (ca-derivations) ---------------------------------------
 
+    def _has_table(self, name: str) -> bool:
+        return bool(self._read("select 1 from sqlite_master where type = 'table' and name = ?",
+                               (name,)))
+
     def ensure_ca_schema(self) -> None:
         """Create Nix 2.8's ``Realisations`` tables if they are missing.
 
@@ -365,6 +369,8 @@ class StoreDB:
     def query_realisation(self, drv_output: str, output_name: str
                           ) -> tuple[str, tuple[str, ...]] | None:
         """(output path, signatures) of a realisation, if known and valid."""
+        if not self._has_table("Realisations"):
+            return None
         rows = self._read(
             "select ValidPaths.path, Realisations.signatures from Realisations "
             "join ValidPaths on ValidPaths.id = Realisations.outputPath "

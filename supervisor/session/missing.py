@@ -1,0 +1,84 @@
+"""QueryMissing: what realising some derived paths would build and fetch.
+
+Like Nix 2.8's ``Store::queryMissing``: an opaque path that is not valid
+is substituted if a cache has it (its references are then needed too),
+else unknown; a derivation whose wanted outputs are not all valid is
+substituted if every missing output can be, else it will be built and its
+inputs are needed in turn.  Download and NAR sizes add up over what will
+be fetched.  Process: session.
+
+Trust: targets were checked by the caller; derivations are read from the
+store.
+"""
+
+from __future__ import annotations
+
+from nixwarden.shared.rpc import schema
+
+
+def query_missing(session, targets: list[str]) -> schema.Missing:
+    will_build, will_substitute, unknown = set(), set(), set()
+    sizes = [0, 0]
+    todo, seen = list(targets), set()
+    while todo:
+        target = todo.pop()
+        if target in seen:
+            continue
+        seen.add(target)
+        path, bang, outputs = target.partition("!")
+        if not bang:
+            _opaque(session, path, will_substitute, unknown, sizes, todo)
+        elif not session.db.is_valid(path):
+            unknown.add(path)
+        else:
+            _derivation(session, path, outputs, will_build, will_substitute, sizes, todo)
+    return schema.Missing(sorted(will_build), sorted(will_substitute), sorted(unknown),
+                          sizes[0], sizes[1])
+
+
+def _fetchable(session, paths: list[str]) -> dict | None:
+    if not session.settings.get("substitute"):
+        return None
+    infos = session.substituters.query_infos(paths)
+    return infos if len(infos) == len(paths) else None
+
+
+def _opaque(session, path, will_substitute, unknown, sizes, todo) -> None:
+    if session.db.is_valid(path):
+        return
+    infos = _fetchable(session, [path])
+    if infos is None:
+        unknown.add(path)
+        return
+    _add_fetched(infos, will_substitute, sizes, todo)
+
+
+def _add_fetched(infos, will_substitute, sizes, todo) -> None:
+    for info in infos.values():
+        will_substitute.add(info.path)
+        sizes[0] += info.download_size
+        sizes[1] += info.nar_size
+        todo.extend(r for r in info.references if r != info.path)
+
+
+def _derivation(session, drv_path, outputs, will_build, will_substitute, sizes, todo) -> None:
+    from nixwarden.supervisor.build import ca
+    from nixwarden.supervisor.store.drvoutputs import read_drv
+
+    def read(p):
+        return read_drv(session.writer.store_fd, session.store_dir, p)
+
+    drv = read(drv_path)
+    known = ca.output_map(session.db, session.store_dir, read, drv_path)
+    wanted = known if outputs == "*" else {o: known.get(o) for o in outputs.split(",")}
+    missing = [p for p in wanted.values() if not p or not session.db.is_valid(p)]
+    if not missing:
+        return
+    infos = _fetchable(session, missing) if all(missing) else None
+    if infos is not None:
+        _add_fetched(infos, will_substitute, sizes, todo)
+        return
+    will_build.add(drv_path)
+    for dep, outs in drv.input_drvs.items():
+        todo.append(f"{dep}!{','.join(outs)}")
+    todo.extend(drv.input_srcs)
