@@ -157,6 +157,23 @@ class Realiser:
             self.client.stop(act)
         return [(text, self._target_outcome(target)) for text, target in plan.targets]
 
+    def build_basic(self, drv_path: str, drv, mode: int) -> g.Outcome:
+        """BuildDerivation: build a derivation the client sent whole (its
+        inputs are store paths that must be valid)."""
+        paths = {name: out.path for name, out in drv.outputs.items()}
+        goal = g.DrvGoal(drv_path, drv, paths, set(drv.outputs), expanded=True,
+                         check=mode == CHECK)
+        self._drvs[drv_path] = drv
+        plan = g.Plan({drv_path: goal}, [(drv_path + "!*", goal)])
+        act = self.client.start(Verbosity.ERROR, ActivityType.REALISE)
+        self.builds_act = self.client.start(Verbosity.ERROR, ActivityType.BUILDS, "", (), act)
+        try:
+            self._run(plan, mode)
+        finally:
+            self.client.stop(self.builds_act)
+            self.client.stop(act)
+        return self._target_outcome(goal)
+
     def _target_outcome(self, target) -> g.Outcome:
         if isinstance(target, str):
             if self.db.is_valid(target):

@@ -403,3 +403,40 @@ def _refuse_build_log(session, req: schema.AddBuildLog):
     for _ in session.stream():  # keep the stream in sync before refusing
         pass
     raise StoreRefusal("you are not privileged to add logs")
+
+
+
+def on_build_derivation(session, req: schema.BuildDerivation):
+    """BuildDerivation (spec worker-protocol §5.32): trusted clients may build
+    anything; untrusted ones only content-addressed derivations, which are
+    written to the store first so the path is ours, not the client's."""
+    from nixwarden.shared.derivation import (Derivation, DerivationError, DerivationOutput,
+                                             DerivationType)
+    from nixwarden.shared.derivation_hash import derivation_store_path, fixed_output_path
+    from nixwarden.supervisor.build.realise import Realiser
+    drv_sp = session.store_path(req.drv_path)
+    if not drv_sp.is_derivation:
+        raise StoreRefusal(f"path '{req.drv_path}' is not a derivation")
+    try:
+        outputs = {o.name: DerivationOutput(o.path or None, o.hash_algo, o.hash)
+                   for o in req.outputs}
+        drv = Derivation(outputs, {}, tuple(_paths(session, req.input_srcs)), req.platform,
+                         req.builder, tuple(req.args), dict(req.env),
+                         drv_sp.name[:-len(".drv")])
+        kind = drv.type()
+    except (DerivationError, ValueError) as exc:
+        raise StoreRefusal(str(exc)) from None
+    drv_path = session.full(drv_sp)
+    if not session.identity.trusted:
+        if kind not in (DerivationType.FIXED, DerivationType.FLOATING, DerivationType.IMPURE):
+            raise StoreRefusal("you are not privileged to build input-addressed derivations")
+        drv_path = session.full(derivation_store_path(drv, session.store_dir))
+    for name, out in drv.outputs.items():
+        if out.content_hash is not None:
+            want = session.store_dir.print(fixed_output_path(drv, session.store_dir, name))
+            if out.path != want:
+                raise StoreRefusal(f"derivation '{drv_path}' has incorrect output "
+                                   f"'{out.path}', should be '{want}'")
+    if req.mode == 1 and not session.identity.trusted:
+        raise StoreRefusal("repairing is not allowed because you are not in 'trusted-users'")
+    return _result_msg(Realiser(session).build_basic(drv_path, drv, req.mode))

@@ -46,6 +46,7 @@ RULES: dict[type, Rule] = {
     schema.ImportPath: Rule(h.on_import_path),
     schema.BuildPaths: Rule(h.on_build_paths),
     schema.EnsurePath: Rule(h.on_ensure_path),
+    schema.BuildDerivation: Rule(h.on_build_derivation),
     schema.AddIndirectRoot: Rule(h.on_add_indirect_root),
     schema.FindRoots: Rule(h.on_find_roots),
     schema.CollectGarbage: Rule(h.on_collect_garbage),

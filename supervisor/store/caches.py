@@ -1,9 +1,15 @@
 """One binary cache (``file://``, ``http://``, ``https://``) as a substituter.
 
 ``open_cache(url, ...)`` parses a substituter URL with its parameters
-(``trusted``, ``priority``, ``want-mass-query``) and reads the cache's
-``nix-cache-info`` (its ``StoreDir`` must be the local store dir, as Nix
-2.8's ``BinaryCacheStore::init`` demands); the ``BinaryCache`` then looks
+(``trusted``, ``priority``, ``want-mass-query``, ``store``) and reads the
+cache's ``nix-cache-info``.  The cache's store dir is its ``StoreDir``
+(else the ``store`` parameter, else ours); when that differs from what
+was expected (the ``store`` parameter, else ours) Nix 2.8's
+``BinaryCacheStore::init`` message is warned with.  A cache whose store
+dir is not ours is ``foreign``: the caller uses it only for
+content-addressed paths without references, looked up under the path
+their content address gives in the cache's store dir (Nix 2.8's
+``PathSubstitutionGoal::tryNext``).  The ``BinaryCache`` looks
 up ``.narinfo`` files (through the narinfo disk cache for HTTP caches, as
 Nix does) and opens NARs as decompressed chunk streams.  A cache that
 keeps failing is disabled for 60 s when ``fallback`` is set (Nix's
@@ -20,11 +26,13 @@ cache's signatures are needed is the caller's decision (``trusted``).
 
 from __future__ import annotations
 
+import posixpath
 import threading
 import time
 from collections.abc import Callable, Iterator
 from urllib.parse import parse_qsl
 
+from nixwarden.shared.logtypes import Verbosity
 from nixwarden.shared.storepath import StoreDir
 from nixwarden.supervisor.store import transfer
 from nixwarden.supervisor.store.narinfo import (CacheInfo, NarInfo, NarInfoError,
@@ -104,7 +112,11 @@ class BinaryCache:
             raise CacheUnusable(_unsupported(uri))
         self.uri = uri
         self.is_http = scheme != "file"
-        self.store_dir = store_dir
+        self.local_store_dir = store_dir
+        #: The store dir the URL's ``store`` parameter names (default: ours).
+        self.expected_store_dir = _store_param(params, uri) or store_dir
+        #: The store dir of the cache's paths (``StoreDir`` of nix-cache-info).
+        self.store_dir = self.expected_store_dir
         self.downloader = downloader
         self.disk_cache = disk_cache if self.is_http else None
         self.fallback = fallback
@@ -132,6 +144,11 @@ class BinaryCache:
             return self._want_mass_query
         return bool(self.cache_info.want_mass_query)
 
+    @property
+    def foreign(self) -> bool:
+        """True iff the cache's store dir is not ours (CA look-ups only)."""
+        return self.store_dir != self.local_store_dir
+
     def url_of(self, rel: str) -> str:
         if rel.startswith(("http://", "https://")):
             return rel
@@ -142,8 +159,12 @@ class BinaryCache:
     def info(self) -> CacheInfo:
         """Read ``nix-cache-info`` (once; remembered for HTTP caches) and check it.
 
+        Sets ``store_dir`` from its ``StoreDir``; a ``StoreDir`` other than
+        the expected one is warned about (through ``log``) as Nix 2.8 does.
+
         Raises:
-            CacheUnusable: unreachable, not a binary cache, or another store dir.
+            CacheUnusable: unreachable, not a binary cache, or a ``StoreDir``
+                that is not a store dir.
         """
         text = self.disk_cache.lookup_cache_info(self.uri) if self.disk_cache else None
         if text is None:
@@ -152,9 +173,15 @@ class BinaryCache:
             info = parse_cache_info(text, whence=self.url_of("nix-cache-info"))
         except NarInfoError as e:
             raise CacheUnusable(str(e)) from None
-        if info.store_dir is not None and info.store_dir != str(self.store_dir):
-            raise CacheUnusable(f"binary cache '{self.uri}' is for Nix stores with prefix "
-                                f"'{info.store_dir}', not '{self.store_dir}'")
+        if info.store_dir is not None and info.store_dir != str(self.expected_store_dir):
+            try:
+                store_dir = StoreDir(info.store_dir)
+            except ValueError:
+                raise CacheUnusable(_mismatch(self.uri, info.store_dir,
+                                              self.expected_store_dir)) from None
+            self.log(Verbosity.WARN, "\x1b[35;1mwarning:\x1b[0m "
+                     + _mismatch(self.uri, info.store_dir, self.expected_store_dir))
+            self.store_dir = store_dir
         if self.disk_cache:
             self.disk_cache.record_cache_info(self.uri, text)
         self.cache_info = info
@@ -265,6 +292,27 @@ class BinaryCache:
             if self._disabled_until and time.monotonic() <= self._disabled_until:
                 raise CacheDisabled(f"substituter '{self.uri}' is disabled")
             self._disabled_until = 0.0
+
+
+def _mismatch(uri: str, theirs: str, expected: StoreDir) -> str:
+    return (f"binary cache '{uri}' is for Nix stores with prefix '{theirs}', "
+            f"not '{expected}'")
+
+
+def _store_param(params: dict[str, str], url: str) -> StoreDir | None:
+    """The ``store`` parameter (Nix canonicalises it), None if absent."""
+    value = params.get("store")
+    if value is None:
+        return None
+    if value == "":
+        raise CacheUnusable("setting 'store' cannot be empty")
+    if not value.startswith("/"):
+        raise CacheUnusable(f"not an absolute path: '{value}'")
+    try:
+        return StoreDir(posixpath.normpath("/" + value.lstrip("/")))
+    except ValueError:
+        raise CacheUnusable(
+            f"option 'store' of substituter '{url}' has invalid value '{value}'") from None
 
 
 def _unsupported(uri: str) -> str:
