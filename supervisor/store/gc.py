@@ -133,7 +133,6 @@ class Collector:
             self.roots.add(path)
         self.deleting, self.action, self.max_freed = deleting, action, max_freed
         self.requested = set(paths)
-        self.log("deleting garbage..." if deleting else "determining live/dead paths...")
         try:
             if action == DELETE_SPECIFIC:
                 for path in paths:
@@ -143,6 +142,7 @@ class Collector:
                             f"Cannot delete path '{path}' since it is still alive. "
                             "To find out why, use: nix-store --query --roots")
             elif max_freed > 0:
+                self.log("deleting garbage..." if deleting else "determining live/dead paths...")
                 self._sweep()
         except LimitReached:
             pass
@@ -271,9 +271,17 @@ class Collector:
         if not os.path.isdir(links):
             return
         self.log("deleting unused links...")
+        actual = unshared = 0
         for entry in os.scandir(links):
-            if entry.stat(follow_symlinks=False).st_nlink == 1:
-                os.unlink(entry.path)
+            st = entry.stat(follow_symlinks=False)
+            if st.st_nlink != 1:
+                actual += st.st_size
+                unshared += (st.st_nlink - 1) * st.st_size
+                continue
+            os.unlink(entry.path)
+        overhead = os.stat(links).st_blocks * 512
+        self.log(f"note: currently hard linking saves "
+                 f"{(unshared - actual - overhead) / (1024.0 * 1024.0):.2f} MiB")
 
 
 def _freed_bytes(path: str) -> int:
