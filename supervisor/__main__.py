@@ -52,7 +52,10 @@ def run_daemon(opts) -> int:
     worker_user = opts.settings.worker_user
     if os.geteuid() == 0:
         ensure_worker_user(worker_user)
-    daemon = Daemon(opts, locations, layout, worker_user, level)
+    # nix-daemon --stdio prints nothing to its stderr (which an ssh-ng user
+    # sees); the workers' start-up report is kept for verbose runs.
+    worker_level = "WARNING" if opts.stdio and opts.verbosity <= 3 else level
+    daemon = Daemon(opts, locations, layout, worker_user, worker_level)
     if opts.stdio:
         return daemon.serve_stdio()
     sockets = listener.activated_sockets(os.environ)

@@ -42,7 +42,8 @@ class Daemon:
 
     def _assignment(self, ident: trust.Identity) -> Assignment:
         return Assignment(ident.uid, ident.pid, ident.trusted, self.layout.store_dir,
-                          self.layout.real_store_dir, NIX_COMPAT_VERSION)
+                          self.layout.real_store_dir, NIX_COMPAT_VERSION,
+                          stdio=bool(self.opts.stdio))
 
     def _start_connection(self, ident: trust.Identity, client_in: int, client_out: int):
         session = self.pool.take()
@@ -140,7 +141,7 @@ class Daemon:
         session = self._start_connection(ident, 0, 1)
         session.proc.join()
         self.zygote.stop()
-        return 0
+        return 1 if session.proc.exitcode else 0
 
 
 def _drain(fd: int) -> None:

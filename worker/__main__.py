@@ -55,10 +55,12 @@ def serve_client(assignment, client_in: int, client_out: int, rpc: Channel) -> i
     info = server.ServerInfo(assignment.nix_version, assignment.trusted,
                              assignment.store_dir, assignment.real_store_dir)
     conn = ClientConnection(client_in, client_out)
+    store = StoreClient(rpc)
     try:
-        server.serve(conn, StoreClient(rpc), info)
+        server.serve(conn, store, info, eof_is_error=assignment.stdio)
     except ClientProtocolError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        store.goodbye(EXIT_PROTOCOL)
         return EXIT_PROTOCOL
     except (ChannelClosed, WorkerViolation) as exc:
         log.error("session channel failed: %s", exc)

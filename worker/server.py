@@ -85,11 +85,19 @@ def handshake(conn: ClientConnection, info: ServerInfo) -> tuple[ProtocolVersion
     return version, features
 
 
-def serve(conn: ClientConnection, store, info: ServerInfo) -> int:
-    """Serve one client until it closes; return the number of ops served."""
+def serve(conn: ClientConnection, store, info: ServerInfo, *,
+          eof_is_error: bool = False) -> int:
+    """Serve one client until it closes; return the number of ops served.
+
+    Args:
+        eof_is_error: end of input before the handshake is an error (with
+            ``--stdio`` nix-daemon says so and exits 1).
+    """
     try:
         version, _features = handshake(conn, info)
     except ClientGone:
+        if eof_is_error:
+            raise ClientProtocolError("unexpected end-of-file") from None
         return 0
     logger = ClientLogger(conn, version)
     store.logger = logger

@@ -168,5 +168,12 @@ class StoreClient:
     def add_signatures(self, path: str, sigs: list[str]) -> None:
         self._call(schema.AddSignatures(path, sigs), schema.Ok)
 
+    def goodbye(self, status: int) -> None:
+        """Tell the session how the client's session ended (advisory)."""
+        try:
+            self.channel.send(schema.Goodbye(status))
+        except OSError:
+            pass
+
     def check_nar_readable(self, path: str) -> None:
         self._call(schema.CheckNarReadable(path), schema.Ok)

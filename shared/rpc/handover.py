@@ -29,6 +29,7 @@ class Assignment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     store_dir: str
     real_store_dir: str
     nix_version: str
+    stdio: bool = False  # the client is the daemon's stdin/stdout
 
 
 class BadHandover(Exception):

@@ -238,6 +238,13 @@ class AddBuildLog(_Msg, tag=68):
     drv_path: str
 
 
+class Goodbye(_Msg, tag=72):
+    """Advisory, last message of a worker: how its client's session ended
+    (0 clean, 1 protocol error).  Only decides a ``--stdio`` daemon's exit
+    status; it triggers nothing privileged."""
+    status: int
+
+
 Request = Union[
     SetOptions, IsValidPath, QueryValidPaths, QueryPathInfo, QueryReferrers,
     QueryPathFromHashPart, QueryAllValidPaths, QueryDeriver, QueryValidDerivers,
@@ -246,7 +253,7 @@ Request = Union[
     CheckNarReadable, AddToStoreNar, AddToStore, Chunk, End, AddSignatures,
     ImportPath, ImportPathMeta, BuildPaths, EnsurePath, BuildDerivation,
     AddIndirectRoot, FindRoots, CollectGarbage, AddPermRoot, OptimiseStore,
-    VerifyStore, AddBuildLog, RegisterDrvOutput,
+    VerifyStore, AddBuildLog, RegisterDrvOutput, Goodbye,
 ]
 
 

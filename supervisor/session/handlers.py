@@ -440,3 +440,10 @@ def on_build_derivation(session, req: schema.BuildDerivation):
     if req.mode == 1 and not session.identity.trusted:
         raise StoreRefusal("repairing is not allowed because you are not in 'trusted-users'")
     return _result_msg(Realiser(session).build_basic(drv_path, drv, req.mode))
+
+
+
+def on_goodbye(session, req: schema.Goodbye):
+    """Advisory: remembered only as the session's exit status (``--stdio``)."""
+    session.exit_status = 1 if req.status else 0
+    return None

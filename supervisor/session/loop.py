@@ -57,7 +57,7 @@ def serve(session, channel: Channel) -> int:
         try:
             payload = channel.recv_frame()
         except ChannelClosed:
-            return 0
+            return getattr(session, "exit_status", 0)
         except (WorkerViolation, OSError) as exc:
             _violation(session, "frame", exc)
             return 2
@@ -72,6 +72,8 @@ def serve(session, channel: Channel) -> int:
             _violation(session, name, exc)
             return 2
         session.requests += 1
+        if reply is None:  # advisory messages get no answer
+            continue
         try:
             channel.send(reply)
         except OSError:

@@ -51,6 +51,7 @@ RULES: dict[type, Rule] = {
     schema.FindRoots: Rule(h.on_find_roots),
     schema.CollectGarbage: Rule(h.on_collect_garbage),
     schema.OptimiseStore: Rule(h.on_optimise_store),
+    schema.Goodbye: Rule(h.on_goodbye),
     schema.RegisterDrvOutput: Rule(h.on_register_drv_output),
     schema.VerifyStore: Rule(h.on_verify_store),
     schema.AddBuildLog: Rule(h.on_add_build_log, untrusted=h._refuse_build_log),

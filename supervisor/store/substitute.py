@@ -15,13 +15,24 @@ mismatch), failures logged and the next cache tried, up to
 ``max-substitution-jobs`` downloads at once, with the client activities
 nix-daemon shows (substitute, copyPath, fileTransfer).  Process: session.
 
+Caches of another store dir (``BinaryCache.foreign``, from a ``store=``
+URL parameter or their ``nix-cache-info``) serve only paths whose content
+address the caller knows (``cas``), as in Nix 2.8's ``tryNext``: the path
+the content address gives without references in the cache's store dir is
+looked up there, and a narinfo for exactly that path, with that content
+address and no references, is taken as the info of our path (no
+references, no deriver, no signatures: those belong to the other store).
+Other paths are not looked up in such caches.
+
 Trust: caches are untrusted network input.  A narinfo is used only if it
 describes exactly the path asked for; unless the cache is marked
 ``trusted`` it must carry a signature by a key in ``trusted-public-keys``
 or be content-addressed (checked here before downloading and again by the
 writer); the decompressed NAR may not exceed the narinfo's ``NarSize`` and
 must reach it; references come from the narinfo and are fetched (and so
-checked) first, and a reference cycle fails instead of hanging.
+checked) first, and a reference cycle fails instead of hanging.  A path
+from a cache of another store dir is registered only with its content
+address, which the writer checks against the content and our path.
 """
 
 from __future__ import annotations
@@ -30,11 +41,11 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.logtypes import ActivityType, ResultType, Verbosity
-from nixwarden.shared.storepath import StoreDir
+from nixwarden.shared.storepath import BadStorePath, ContentAddress, StoreDir
 from nixwarden.supervisor.store import signatures
 from nixwarden.supervisor.store.adding import NarClaim
 from nixwarden.supervisor.store.caches import (BinaryCache, CacheDisabled, CacheFailure,
@@ -149,27 +160,52 @@ class Substituters:
 
     # --- queries -------------------------------------------------------------------------
 
-    def query_infos(self, paths: Iterable[str], cas: Mapping[str, str] | None = None
+    def query_infos(self, paths: Iterable[str], cas: Mapping[str, object] | None = None
                     ) -> dict[str, SubstitutableInfo]:
         """Substitutable infos of ``paths`` (first cache that has a path wins).
 
-        ``cas`` (path -> content address) is accepted for the protocol's
-        sake: a cache's store dir always equals ours here, so a CA path is
-        looked up under its own name.
+        ``cas`` maps paths to their content addresses (text as
+        ``ContentAddress.render`` gives, or parsed; empty or None: unknown);
+        only paths with one are looked up in caches of another store dir.
 
         Raises:
             StoreRefusal: a cache failed and ``fallback`` is off (Nix rethrows).
+            ValueError: a malformed content address in ``cas``.
         """
-        found = self._first_found(list(dict.fromkeys(paths)), self.caches())
+        known = self._known_cas(cas)
+        found = self._first_found(list(dict.fromkeys(paths)), self.caches(), known)
         return {p: SubstitutableInfo(p, i.deriver, i.references, i.file_size, i.nar_size, i, c)
                 for p, (c, i) in found.items()}
 
     def query_substitutable(self, paths: Iterable[str]) -> set[str]:
         """The paths some mass-query cache has (QuerySubstitutablePaths)."""
         caches = [c for c in self.caches() if c.want_mass_query]
-        return set(self._first_found(list(dict.fromkeys(paths)), caches))
+        return set(self._first_found(list(dict.fromkeys(paths)), caches, {}))
 
-    def _first_found(self, paths: list[str], caches: list[BinaryCache]
+    def _known_cas(self, cas: Mapping[str, object] | None) -> dict[str, ContentAddress]:
+        """The usable entries of ``cas``, parsed.
+
+        A content address whose path (without references) in our store dir
+        is not the path it is given for cannot be translated to another
+        store dir (Nix translates only such paths) and is left out.
+        """
+        known = {}
+        for path, ca in (cas or {}).items():
+            if not ca:
+                continue
+            if not isinstance(ca, ContentAddress):
+                ca = ContentAddress.parse(str(ca))
+            try:
+                sp = self.store_dir.parse(path)
+                if self.store_dir.make_path_from_ca(sp.name, ca) != sp:
+                    continue
+            except (BadStorePath, ValueError):
+                continue
+            known[path] = ca
+        return known
+
+    def _first_found(self, paths: list[str], caches: list[BinaryCache],
+                     cas: Mapping[str, ContentAddress]
                      ) -> dict[str, tuple[BinaryCache, NarInfo]]:
         found: dict[str, tuple[BinaryCache, NarInfo]] = {}
         pool = self._lookup_pool()
@@ -177,11 +213,41 @@ class Substituters:
             remaining = [p for p in paths if p not in found]
             if not remaining:
                 break
-            results = list(pool.map(lambda p, c=cache: self._try_query(c, p), remaining))
+            results = list(pool.map(lambda p, c=cache: self._lookup(c, p, cas.get(p)),
+                                    remaining))
             for path, info in zip(remaining, results):
                 if info is not None:
                     found[path] = (cache, info)
         return found
+
+    def _lookup(self, cache: BinaryCache, path: str, ca: ContentAddress | None
+                ) -> NarInfo | None:
+        """The info ``cache`` has for our ``path``, translated from its store dir.
+
+        A cache of our store dir is asked for ``path`` itself.  Another
+        cache is asked only when ``ca`` is known, for the path ``ca`` gives
+        there; its narinfo must have exactly that content address and no
+        references, and is returned as the info of ``path``.
+
+        Raises:
+            StoreRefusal: as ``_try_query``.
+        """
+        if not cache.foreign:
+            return self._try_query(cache, path)
+        if ca is None:
+            return None
+        sub_path = self._path_in(cache, path, ca)
+        info = self._try_query(cache, sub_path)
+        if info is None:
+            return None
+        if info.ca != ca or info.references:
+            if info.ca is not None and not _is_content_addressed(cache.store_dir, info):
+                self._emit(Verbosity.ERROR, f"warning: path '{info.path}' claims to be "
+                           "content-addressed but isn't")
+            self._emit(Verbosity.ERROR,
+                       f"asked '{cache.uri}' for '{path}' but got '{info.path}'")
+            return None
+        return replace(info, path=path, references=(), deriver=None, sigs=())
 
     def _try_query(self, cache: BinaryCache, path: str) -> NarInfo | None:
         """``cache.query(path)``, with Nix's handling of failures."""
@@ -195,21 +261,47 @@ class Substituters:
             self._emit(Verbosity.ERROR, ANSI_ERROR + e.message)
             return None
 
+    def _path_in(self, cache: BinaryCache, path: str, ca: ContentAddress | None) -> str:
+        """The path our ``path`` has in ``cache`` (Nix's ``subPath``)."""
+        if not cache.foreign or ca is None:
+            return path
+        name = self.store_dir.parse(path).name
+        return cache.store_dir.print(cache.store_dir.make_path_from_ca(name, ca))
+
     # --- substitution ---------------------------------------------------------------------
 
     def substitute(self, paths: Iterable[str], writer, client_log, *,
-                   repair: bool = False) -> dict[str, str | None]:
+                   repair: bool = False, cas: Mapping[str, object] | None = None
+                   ) -> dict[str, str | None]:
         """Make ``paths`` valid by fetching their closures from the caches.
+
+        ``cas``: known content addresses of wanted paths (as in
+        ``query_infos``), which let caches of another store dir serve them.
 
         Returns, for each requested path and each reference visited, None
         (valid now, or already) or a ``SubstitutionFailure``.
+
+        Raises:
+            ValueError: a malformed content address in ``cas``.
         """
+        known = self._known_cas(cas)
         log = _LockedLog(client_log)
         self._current_log = log.log
         try:
-            return _Run(self, writer, log, repair).run(list(dict.fromkeys(paths)))
+            return _Run(self, writer, log, repair, known).run(list(dict.fromkeys(paths)))
         finally:
             self._current_log = None
+
+
+def _is_content_addressed(store_dir: StoreDir, info: NarInfo) -> bool:
+    """Nix's ``ValidPathInfo::isContentAddressed`` in ``store_dir``."""
+    sp = store_dir.parse(info.path)
+    refs = [store_dir.parse(r) for r in info.references if r != info.path]
+    try:
+        return store_dir.make_path_from_ca(sp.name, info.ca, refs,
+                                           info.path in info.references) == sp
+    except ValueError:
+        return False
 
 
 class _LockedLog:
@@ -232,6 +324,7 @@ class _LockedLog:
 class _Goal:
     path: str
     repair: bool
+    ca: ContentAddress | None = None
     cache_index: int = 0
     cache: BinaryCache | None = None
     info: NarInfo | None = None
@@ -245,11 +338,13 @@ class _Goal:
 class _Run:
     """One ``substitute`` call: resolve the closure, then fetch in order."""
 
-    def __init__(self, subs: Substituters, writer, log: _LockedLog, repair: bool):
+    def __init__(self, subs: Substituters, writer, log: _LockedLog, repair: bool,
+                 cas: Mapping[str, ContentAddress]):
         self.subs = subs
         self.writer = writer
         self.log = log
         self.repair = repair
+        self.cas = cas
         self.caches = subs.caches()
         self.goals: dict[str, _Goal] = {}
 
@@ -264,7 +359,7 @@ class _Run:
         pool = self.subs._lookup_pool()
         running: dict[Future, _Goal] = {}
         for path in paths:
-            self.goals[path] = goal = _Goal(path, self.repair)
+            self.goals[path] = goal = _Goal(path, self.repair, self.cas.get(path))
             running[pool.submit(self._resolve, goal)] = goal
         while running:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -292,7 +387,7 @@ class _Run:
             cache = self.caches[goal.cache_index]
             goal.cache_index += 1
             try:
-                info = self.subs._try_query(cache, goal.path)
+                info = self.subs._lookup(cache, goal.path, goal.ca)
             except StoreRefusal as e:
                 goal.cache_failed, goal.last_error = True, e.message
                 goal.cache_index = len(self.caches)  # no fallback: Nix gives up here
@@ -325,13 +420,7 @@ class _Run:
                                           self.writer.public_keys) == 0
 
     def _ca_matches(self, info: NarInfo) -> bool:
-        sd = self.subs.store_dir
-        sp = sd.parse(info.path)
-        refs = [sd.parse(r) for r in info.references if r != info.path]
-        try:
-            return sd.make_path_from_ca(sp.name, info.ca, refs, info.path in info.references) == sp
-        except ValueError:
-            return False
+        return _is_content_addressed(self.subs.store_dir, info)
 
     def _final_error(self, goal: _Goal) -> str:
         if goal.last_error and goal.cache_failed:
@@ -396,11 +485,12 @@ class _Run:
 
     def _download(self, goal: _Goal) -> None:
         cache, info = goal.cache, goal.info
+        src_path = self.subs._path_in(cache, goal.path, goal.ca)  # as copyStorePath names it
         log = self.log
         act = log.start(Verbosity.ERROR, ActivityType.SUBSTITUTE, "", (goal.path, cache.uri))
         copy = log.start(Verbosity.INFO, ActivityType.COPY_PATH,
-                         f"copying path '{goal.path}' from '{cache.uri}'",
-                         (goal.path, cache.uri, "local"), act)
+                         f"copying path '{src_path}' from '{cache.uri}'",
+                         (src_path, cache.uri, "local"), act)
         transfer_act = None
         if cache.is_http:
             url = cache.url_of(info.url)
@@ -410,7 +500,7 @@ class _Run:
             chunks = cache.open_nar(info, progress=_progress(log, transfer_act))
             claim = NarClaim(goal.path, info.deriver, info.nar_hash, info.references,
                              int(time.time()), info.nar_size, False, info.sigs, info.ca)
-            self.writer.add_nar(claim, _bounded(chunks, goal.path, cache, info, log, copy),
+            self.writer.add_nar(claim, _bounded(chunks, src_path, cache, info, log, copy),
                                 repair=goal.repair, check_sigs=not cache.trusted)
         finally:
             for a in (transfer_act, copy, act):

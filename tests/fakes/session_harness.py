@@ -35,7 +35,7 @@ def main(argv=None) -> int:
                         format="nixwarden[%(process)d] %(message)s")
 
     from nixwarden.supervisor import cli
-    from nixwarden.supervisor.__main__ import prepare_store
+    from nixwarden.supervisor.__main__ import store_layout
     from nixwarden.supervisor.locations import resolve_locations
     from nixwarden.supervisor.session.process import session_main
     from nixwarden.supervisor.spawner import SessionPool
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
 
     opts = cli.parse_daemon_args(["daemon"], os.environ)
     locations = resolve_locations(opts.settings, os.environ, os.geteuid(), stdio=False)
-    layout = prepare_store(locations)
+    layout = store_layout(locations)
     settings = opts.settings
 
     def target(ctl):

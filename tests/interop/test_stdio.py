@@ -108,9 +108,6 @@ STARTS = pytest.mark.parametrize("start", [nixwarden, nix_daemon],
 #: nixwarden's --stdio supervisor returns 0 whatever happened: the worker
 #: that met the error exits 1, but the supervisor waits for the session
 #: process only and nothing reports the worker's status back to it.
-STDIO_STATUS = ("serve_stdio always exits 0: the worker's exit status (1 after a "
-                "handshake error) does not reach the supervisor, which joins only "
-                "the session; nix-daemon --stdio exits 1")
 
 
 @STARTS
@@ -123,7 +120,6 @@ def test_stdin_closed_after_handshake_exits_0(store, start):
     assert status == 0, err
 
 
-@pytest.mark.xfail(strict=True, reason=STDIO_STATUS)
 def test_stdin_closed_before_handshake_like_nix_daemon(store):
     got = [start(store[0]).finish() for start in (nix_daemon, nixwarden)]
     assert got[0] == (1, "error: unexpected end-of-file\n")
@@ -145,7 +141,6 @@ def test_wrong_magic_message(store):
     assert results_for_wrong_magic(store[0], nixwarden)[1:] == (b"", "error: protocol mismatch")
 
 
-@pytest.mark.xfail(strict=True, reason=STDIO_STATUS)
 def test_wrong_magic_like_nix_daemon(store):
     want = results_for_wrong_magic(store[0], nix_daemon)
     got = results_for_wrong_magic(store[0], nixwarden)
@@ -153,10 +148,6 @@ def test_wrong_magic_like_nix_daemon(store):
     assert got == want
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nixwarden --stdio writes its workers' 'containment layer ...' lines (info level) "
-    "to stderr, which an ssh-ng client shows to its user; nix-daemon --stdio prints "
-    "nothing at the default verbosity"))
 def test_quiet_on_stderr_like_nix_daemon(store):
     env, path = store
     errs = []
