@@ -37,7 +37,7 @@ for m in (nixwarden.worker, nixwarden.supervisor, nixwarden.shared,
 
 def _copy_tree(dest: Path) -> Path:
     src = dest / "src"
-    ignore = shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
+    ignore = shutil.ignore_patterns(".git", "*.egg-info", "__pycache__",
                                     ".pytest_cache", "tests")
     shutil.copytree(REPO, src, ignore=ignore)
     return src
