@@ -46,15 +46,34 @@ class Daemon:
                           stdio=bool(self.opts.stdio))
 
     def _start_connection(self, ident: trust.Identity, client_in: int, client_out: int):
-        session = self.pool.take()
+        """Give the connection a session and a worker; None if that failed
+        (the client then sees its connection closed; the daemon carries on)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            session.assign(ident, ours.fileno())
-            self.zygote.handover(self._assignment(ident), [client_in, client_out, theirs.fileno()])
+            session = self._assign_session(ident, ours.fileno())
+            if session is None:
+                return None
+            try:
+                self.zygote.handover(self._assignment(ident),
+                                     [client_in, client_out, theirs.fileno()])
+            except OSError as exc:
+                log.error("cannot hand the connection to a worker: %s", exc)
+            return session
         finally:
             ours.close()
             theirs.close()
-        return session
+
+    def _assign_session(self, ident: trust.Identity, rpc_fd: int):
+        """A pooled session that took the assignment (a dead one is replaced)."""
+        for _ in range(3):
+            session = self.pool.take()
+            try:
+                session.assign(ident, rpc_fd)
+                return session
+            except OSError as exc:
+                log.warning("session %d could not take a connection: %s", session.proc.pid, exc)
+        log.error("no session process could serve the connection")
+        return None
 
     # --- socket mode -------------------------------------------------------------
 
@@ -98,6 +117,9 @@ class Daemon:
             conn, _ = lsock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
+        except OSError as exc:  # e.g. out of descriptors: this client waits, others go on
+            log.error("accepting a connection: %s", exc)
+            return
         with conn:
             try:
                 ident = self._identify(conn)
@@ -139,6 +161,9 @@ class Daemon:
         ident = trust.Identity(None, uid, gid, trust.user_name(uid), trusted)
         self.zygote.start()
         session = self._start_connection(ident, 0, 1)
+        if session is None:
+            self.zygote.stop()
+            return 1
         session.proc.join()
         self.zygote.stop()
         return 1 if session.proc.exitcode else 0

@@ -499,13 +499,25 @@ def _open_checked(layout: StoreLayout, big_lock_fd: int) -> sqlite3.Connection:
         raise StoreRefusal(f"current Nix store schema is version {schema}, "
                            f"but I only support {NIX_SCHEMA_VERSION}")
     if schema == 0:
+        return _create(layout, big_lock_fd)
+    if schema < NIX_SCHEMA_VERSION:
+        return _upgrade(layout, big_lock_fd, schema)
+    return _connect(layout.db_path, create=False)
+
+
+def _create(layout: StoreLayout, big_lock_fd: int) -> sqlite3.Connection:
+    """Create a new database under the exclusive big-lock, so that several
+    processes opening a new store at once create it exactly once."""
+    locks.flock(big_lock_fd, exclusive=True, wait=True)
+    try:
+        if layout.read_schema_version() != 0:  # created meanwhile by another process
+            return _connect(layout.db_path, create=False)
         conn = _connect(layout.db_path, create=True)
         conn.executescript(_SCHEMA_SQL)
         layout.write_schema_version(NIX_SCHEMA_VERSION)
         return conn
-    if schema < NIX_SCHEMA_VERSION:
-        return _upgrade(layout, big_lock_fd, schema)
-    return _connect(layout.db_path, create=False)
+    finally:
+        locks.flock(big_lock_fd, exclusive=False, wait=True)
 
 
 def _upgrade(layout: StoreLayout, big_lock_fd: int, schema: int) -> sqlite3.Connection:

@@ -171,13 +171,18 @@ class StoreLayout:
             raise ValueError(f"'{self.schema_path}' is corrupt") from None
 
     def write_schema_version(self, version: int) -> None:
-        """Write ``db/schema`` as Nix does: decimal, no newline, 0666 & ~umask."""
-        fd = os.open(self.schema_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                     0o666)
+        """Write ``db/schema`` as Nix does: decimal, no newline, 0666 & ~umask.
+
+        Written to a temporary name and renamed, so a reader never sees it
+        empty.
+        """
+        temp = f"{self.schema_path}.tmp-{os.getpid()}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         try:
             os.write(fd, str(version).encode())
         finally:
             os.close(fd)
+        os.rename(temp, self.schema_path)
 
     def ensure_reserved(self, size: int = DEFAULT_RESERVED_SIZE) -> None:
         """(Re)create ``db/reserved`` (deleted by every GC); errors ignored."""
