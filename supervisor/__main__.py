@@ -48,6 +48,13 @@ def run_daemon(opts) -> int:
     for line in opts.warnings:
         log.warning("%s", line)
     locations = resolve_locations(opts.settings, os.environ, os.geteuid(), stdio=opts.stdio)
+    if opts.stdio and locations.forward_socket:
+        if opts.process_ops or opts.trust_override == "untrusted":
+            print("error: processing operations locally on a daemon store is not supported "
+                  "by nixwarden; use a local store", file=sys.stderr)
+            return 1
+        from nixwarden.supervisor.forward import forward_stdio
+        return forward_stdio(locations.forward_socket)
     layout = store_layout(locations)
     worker_user = opts.settings.worker_user
     if os.geteuid() == 0:

@@ -219,6 +219,10 @@ def _parse_top_level(argv, environ, euid, read_file) -> DaemonOptions:
             raise CliExit(0, stdout=help_text())
         elif arg == "--version":
             raise CliExit(0, stdout=version_text(verbosity, environ))
+        elif arg == "--stdio":
+            # ssh-ng:// clients run `<remote-program> --stdio`, as with
+            # nix-daemon: the daemon word is implied.
+            return _parse_daemon(list(argv), environ, euid, read_file)
         elif arg.startswith("-"):
             raise _usage_exit(f"unrecognised flag '{arg}'", PROGRAM)
         else:
@@ -354,6 +358,11 @@ Description
     process running as the unprivileged account named by the
     `nixwarden-worker-user` setting, which can only ask the supervisor for
     store operations its session permits.
+
+    It serves queries, adding and exporting paths, builds (as build users
+    from `build-users-group`; with `sandbox = true` inside bubblewrap),
+    garbage collection, verification, optimisation, signing and
+    substitution from binary caches, on a store CppNix tools can share.
 
 Daemon options
     --stdio             Serve one client on standard input/output instead of a

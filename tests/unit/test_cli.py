@@ -189,11 +189,13 @@ def test_top_level():
     assert e.value.status == 0 and "nixwarden daemon" in e.value.stdout
     for argv, message in ([[], "no subcommand specified"],
                           [["foo"], "'foo' is not a recognised command"],
-                          [["--stdio"], "unrecognised flag '--stdio'"]):
+                          [["--bogus"], "unrecognised flag '--bogus'"]):
         with pytest.raises(CliExit) as e:
             cli.parse_daemon_args(argv, env, euid=0)
         assert e.value.stderr == (f"error: {message}\n"
                                   "Try 'nixwarden --help' for more information.\n")
+    # `nixwarden --stdio` is what ssh-ng:// clients run (remote-program).
+    assert cli.parse_daemon_args(["--stdio"], env, euid=0, read_file=lambda p: None).stdio
     o = cli.parse_daemon_args(["-v", "daemon", "--stdio"], env, euid=0,
                               read_file=lambda p: None)
     assert o.stdio and o.verbosity == 4
