@@ -10,10 +10,16 @@ by ``file://`` and by a loopback HTTP server (``cacheserver.py``, also the
 fault server).  Each test substitutes into a fresh diverted store with the
 same logical dir (``Substituters`` + a real ``StoreWriter``) and checks
 the result with the real ``nix-store --verify --check-contents``.
+
+A cache of another store dir (``/fnord/store``) is made by the real Nix as
+in Nix 2.8's tests/fetchurl.sh (``nix --store file://...?store=/fnord/store
+store add-file``): its flat content-addressed files can be substituted as
+our paths when their content address is known (``cas``), and not otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import types
 import shutil
@@ -21,7 +27,8 @@ import subprocess
 
 import pytest
 
-from nixwarden.shared.storepath import StoreDir
+from nixwarden.shared.hashes import Hash, HashAlgo
+from nixwarden.shared.storepath import ContentAddress, StoreDir
 from nixwarden.supervisor.config import Settings
 from nixwarden.supervisor.store import signatures
 from nixwarden.supervisor.store.adding import StoreWriter
@@ -46,6 +53,25 @@ in top
 """
 COMPRESSIONS = ("xz", "bzip2", "zstd", "none")
 NIX = ("nix", "--extra-experimental-features", "nix-command")
+FNORD = "/fnord/store"
+
+
+class ForeignFile:
+    """A file added by the real Nix to the ``fnord`` cache (store dir /fnord/store)."""
+
+    def __init__(self, world: "World", name: str, content: bytes):
+        src = os.path.join(world.tmp, name)
+        with open(src, "wb") as f:
+            f.write(content)
+        self.theirs = world.src.out(*NIX, "--store", f"file://{world.cache('fnord')}?store={FNORD}",
+                                    "store", "add-file", src)
+        # the content address computed here, not taken from the cache
+        self.ca = ContentAddress("flat", Hash.compute(HashAlgo.SHA256, content))
+        self.ours = StoreDir(world.store_dir).print(
+            StoreDir(world.store_dir).make_path_from_ca(name, self.ca))
+        self.content = content
+        assert StoreDir(FNORD).print(StoreDir(FNORD).make_path_from_ca(name, self.ca)) \
+            == self.theirs
 
 
 class World:
@@ -76,6 +102,8 @@ class World:
         for name in os.listdir(self.cache("badsig")):
             if name.endswith(".narinfo"):
                 self._edit(self.cache("badsig", name), "Sig: test-1:", "Sig: test-1:AAAA")
+        self.fnord = ForeignFile(self, "fnord.txt", b"substituted from another store dir\n")
+        self.fnord2 = ForeignFile(self, "other.txt", b"some other content\n" * 50)
 
     def _key(self, name: str) -> tuple[str, str]:
         sk, pk = (os.path.join(self.tmp, f"{name}.{k}") for k in ("sk", "pk"))
@@ -166,10 +194,10 @@ class Dest:
                             offline=offline, refresh=refresh,
                             log=lambda level, text: self.messages.append(text))
 
-    def substitute(self, paths, *urls, **kw):
+    def substitute(self, paths, *urls, cas=None, **kw):
         subs = self.subs(*urls, **kw)
         try:
-            return subs.substitute(paths, self.writer, self.log)
+            return subs.substitute(paths, self.writer, self.log, cas=cas)
         finally:
             subs.close()
 
@@ -279,7 +307,7 @@ def test_priority_orders_caches(world, server, dest):
     assert {a[3][1] for a in dest.log.acts.values() if a[1] == 108} == {f"{server}/zstd"}
 
 
-def test_store_dir_mismatch_makes_cache_unusable(world, tmp_path, dest):
+def test_store_dir_mismatch_serves_no_input_addressed_paths(world, tmp_path, dest):
     other = tmp_path / "other"
     shutil.copytree(world.cache("xz"), other)
     (other / "nix-cache-info").write_text("StoreDir: /nix/store\n")
@@ -332,7 +360,6 @@ def test_content_addressed_needs_no_signature(world, dest):
 
 
 def _stats(server):
-    import json
     import urllib.request
     with urllib.request.urlopen(f"{server}/_stats") as r:
         return json.load(r)
@@ -456,3 +483,127 @@ def test_negative_and_positive_ttls_refresh_offline(world, server, dest, tmp_pat
         == "no-substituter"
     assert dest.substitute([world.dep], file_url(world, "xz"), substitute=False)[world.dep] \
         .kind == "no-substituter"
+
+
+# --- a cache of another store dir: content-addressed paths only ---------------------------
+
+
+def _fnord_url(world, server, form):
+    return {"param": file_url(world, "fnord", f"?store={FNORD}"),
+            "plain": file_url(world, "fnord"),
+            "http": f"{server}/fnord?store={FNORD}&priority=5"}[form]
+
+
+@pytest.mark.parametrize("form", ["param", "plain", "http"])
+def test_other_store_dir_ca_path_substituted(world, server, dest, form):
+    f = world.fnord
+    url = _fnord_url(world, server, form)
+    uri = url.split("?")[0]
+    got = dest.substitute([f.ours], url, cas={f.ours: f.ca.render()})
+    assert got == {f.ours: None}
+    dest.verify()
+    with open(os.path.join(dest.layout.real_store_dir, os.path.basename(f.ours)), "rb") as fh:
+        assert fh.read() == f.content
+    info = dest.db.query_path_info(f.ours)
+    assert info.ca == f.ca.render() and info.ca.startswith("fixed:sha256:")
+    assert info.references == () and info.deriver is None and info.sigs == ()
+    real = dest.nix(*NIX, "path-info", "--json", f.ours).stdout.decode()
+    assert f'"ca":"{f.ca.render()}"' in real.replace(" ", "")
+    # Nix 2.8's warning only where the URL does not name the cache's store dir
+    mismatch = (f"binary cache '{uri}' is for Nix stores with prefix '{FNORD}', "
+                f"not '{world.store_dir}'")
+    assert (mismatch in dest.log.text()) == (form == "plain")
+    # copyStorePath names the path as the cache has it
+    copy, = [a for a in dest.log.acts.values() if a[1] == 100]
+    assert copy[2] == f"copying path '{f.theirs}' from '{uri}'"
+    assert dest.leftovers() == []
+
+
+def test_other_store_dir_queries(world, server, dest):
+    f = world.fnord
+    subs = dest.subs(_fnord_url(world, server, "http"), file_url(world, "unsigned"))
+    try:
+        infos = subs.query_infos([f.ours, world.ca, world.dep],
+                                 {f.ours: f.ca.render(), world.ca: "", world.dep: None})
+        assert set(infos) == {f.ours, world.ca, world.dep}
+        mine = infos[f.ours]
+        assert mine.path == f.ours and mine.references == () and mine.deriver is None
+        assert mine.nar_size == mine.narinfo.nar_size and mine.narinfo.ca == f.ca
+        assert mine.cache.uri == f"{server}/fnord" and mine.cache.foreign
+        assert f.ours not in subs.query_infos([f.ours])  # without its CA
+        assert subs.query_substitutable([f.ours]) == set()  # never for mass queries
+    finally:
+        subs.close()
+
+
+def test_other_store_dir_without_ca_not_looked_up(world, server, dest):
+    f = world.fnord
+    url = _fnord_url(world, server, "http")
+    before = _stats(server)
+    got = dest.substitute([f.ours, world.dep], url)
+    assert got[f.ours].kind == "no-substituter" and got[world.dep].kind == "no-substituter"
+    # a CA that does not give our path cannot be translated: not looked up either
+    got = dest.substitute([f.ours], url, cas={f.ours: world.fnord2.ca.render()})
+    assert got[f.ours].kind == "no-substituter"
+    asked = [p for p, n in _stats(server).items()
+             if p.startswith("/fnord/") and p.endswith(".narinfo") and n != before.get(p)]
+    assert asked == []
+    assert not dest.valid(f.ours) and dest.leftovers() == []
+
+
+def _foreign_copy(world, tmp_path) -> str:
+    copy = tmp_path / "fnord-copy"
+    shutil.copytree(world.cache("fnord"), copy)
+    return str(copy)
+
+
+def _narinfo_of(cache: str, path: str) -> str:
+    return os.path.join(cache, os.path.basename(path)[:32] + ".narinfo")
+
+
+@pytest.mark.parametrize("lie", ["ca", "references"])
+def test_other_store_dir_lying_narinfo_refused(world, dest, tmp_path, lie):
+    f = world.fnord
+    cache = _foreign_copy(world, tmp_path)
+    narinfo = _narinfo_of(cache, f.theirs)
+    if lie == "ca":
+        World._edit(narinfo, f"CA: {f.ca.render()}", f"CA: {world.fnord2.ca.render()}")
+    else:
+        World._edit(narinfo, "References: ",
+                    "References: " + os.path.basename(world.fnord2.theirs))
+    url = f"file://{cache}?store={FNORD}"
+    got = dest.substitute([f.ours], url, cas={f.ours: f.ca.render()})
+    assert got[f.ours].kind == "no-substituter"
+    assert f"asked 'file://{cache}' for '{f.ours}' but got '{f.theirs}'" in dest.log.text()
+    if lie == "ca":
+        assert (f"warning: path '{f.theirs}' claims to be content-addressed but isn't"
+                in dest.log.text())
+    assert not dest.valid(f.ours) and dest.leftovers() == []
+    assert dest.db.query_path_info(f.ours) is None
+
+
+def test_other_store_dir_wrong_content_refused(world, dest, tmp_path):
+    """A narinfo with the right StorePath and CA but another file's NAR."""
+    f, other = world.fnord, world.fnord2
+    cache = _foreign_copy(world, tmp_path)
+    with open(_narinfo_of(cache, other.theirs)) as fh:
+        theirs = dict(line.split(": ", 1) for line in fh.read().splitlines())
+    lines = [f"StorePath: {f.theirs}"]
+    lines += [f"{k}: {theirs[k]}" for k in ("URL", "Compression", "FileHash", "FileSize",
+                                            "NarHash", "NarSize")]
+    lines += ["References: ", f"CA: {f.ca.render()}"]
+    with open(_narinfo_of(cache, f.theirs), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    got = dest.substitute([f.ours], f"file://{cache}?store={FNORD}",
+                          cas={f.ours: f.ca.render()})
+    assert got[f.ours].kind == "failed"
+    assert f"ca hash mismatch importing path '{f.ours}'" in got[f.ours]
+    assert not dest.valid(f.ours) and dest.leftovers() == []
+
+
+def test_same_store_dir_cache_with_cas(world, dest):
+    ca = json.loads(world.src.out(*NIX, "path-info", "--json", world.ca))[0]["ca"]
+    assert dest.substitute([world.ca], file_url(world, "unsigned"), cas={world.ca: ca}) \
+        == {world.ca: None}
+    assert dest.db.query_path_info(world.ca).ca == ca
+    dest.verify()
