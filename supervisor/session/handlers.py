@@ -338,7 +338,9 @@ def on_add_indirect_root(session, req: schema.AddIndirectRoot):
 
 def on_find_roots(session, req: schema.FindRoots):
     from nixwarden.supervisor.store.gcroots import RootFinder
-    roots = RootFinder(session.layout, session.db).all(censor=not session.identity.trusted)
+    roots = RootFinder(session.layout, session.db,
+                       log=lambda text: session.client_log.log(3, text)).all(
+        censor=not session.identity.trusted)
     return schema.Roots(sorted((link, path) for path, links in roots.items() for link in links))
 
 

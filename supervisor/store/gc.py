@@ -126,7 +126,7 @@ class Collector:
 
     def _collect_locked(self, action, paths, max_freed, deleting) -> None:
         self.log("finding garbage collector roots...")
-        finder = RootFinder(self.layout, self.db)
+        finder = RootFinder(self.layout, self.db, log=self.log)
         self.roots = set(finder.permanent()) | set(finder.runtime(censor=True))
         for path in finder.temporary(censor=True):
             self.server.hash_parts.add(os.path.basename(path)[:32])
@@ -217,23 +217,35 @@ class Collector:
                             if self.db.is_valid(o))
 
     def _referrers_first(self, paths: set[str]) -> list[str]:
-        """Order ``paths`` so that every referrer comes before what it refers to."""
-        refs = {p: [r for r in (self.db.query_references(p) if self.db.is_valid(p) else [])
-                    if r in paths and r != p] for p in paths}
-        incoming = {p: 0 for p in paths}
-        for p in paths:
-            for r in refs[p]:
-                incoming[r] += 1
-        ready = deque(sorted(p for p, n in incoming.items() if n == 0))
-        order = []
-        while ready:
-            p = ready.popleft()
-            order.append(p)
-            for r in refs[p]:
-                incoming[r] -= 1
-                if incoming[r] == 0:
-                    ready.append(r)
-        return order + sorted(set(paths) - set(order))
+        """Order ``paths`` so that every referrer comes before what it refers to,
+        exactly as Nix's ``topoSortPaths`` (depth first over the paths in
+        name order, reversed post-order), so deletions happen in Nix's order."""
+        key = os.path.basename
+        order: list[str] = []
+        seen: set[str] = set()
+        for first in sorted(paths, key=key):
+            if first in seen:
+                continue
+            seen.add(first)
+            stack = [(first, iter(self._refs_within(first, paths)))]
+            while stack:
+                path, children = stack[-1]
+                for child in children:
+                    if child not in seen:
+                        seen.add(child)
+                        stack.append((child, iter(self._refs_within(child, paths))))
+                        break
+                else:
+                    stack.pop()
+                    order.append(path)
+        order.reverse()
+        return order
+
+    def _refs_within(self, path: str, paths: set[str]) -> list[str]:
+        if not self.db.is_valid(path):
+            return []
+        return sorted((r for r in self.db.query_references(path) if r != path and r in paths),
+                      key=os.path.basename)
 
     # --- deleting --------------------------------------------------------------------
 
@@ -250,15 +262,17 @@ class Collector:
             self.server.set_pending(None)
 
     def _delete_entry(self, name: str) -> None:
+        self.log(f"deleting '{self.store_dir}/{name}'")
         store_fd = os.open(self.layout.real_store_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            if not os.path.lexists(os.path.join(self.layout.real_store_dir, name)):
-                return
-            self.log(f"deleting '{self.store_dir}/{name}'")
             trash = f".nixwarden-trash-{secrets.token_hex(8)}"
-            os.rename(name, trash, src_dir_fd=store_fd, dst_dir_fd=store_fd)
-            self.bytes_freed += _freed_bytes(os.path.join(self.layout.real_store_dir, trash))
-            remove_entry(store_fd, trash)
+            try:
+                os.rename(name, trash, src_dir_fd=store_fd, dst_dir_fd=store_fd)
+            except FileNotFoundError:
+                trash = None  # reported all the same, as Nix does (an invalid path)
+            if trash is not None:
+                self.bytes_freed += _freed_bytes(os.path.join(self.layout.real_store_dir, trash))
+                remove_entry(store_fd, trash)
         finally:
             os.close(store_fd)
         self.results.append(f"{self.store_dir}/{name}")
