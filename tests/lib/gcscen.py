@@ -1,0 +1,64 @@
+"""Helpers for the GC / maintenance differential tests (tests/interop/test_gc*.py,
+test_maintenance.py): untrusted accounts, output normalisation and the
+comparison of two ``run_both`` results.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import subprocess
+
+_PROC = re.compile(r"/proc/\d+/")
+_TEMP = re.compile(r"\{temp:\d+\}")
+_TRASH = re.compile(r"\.(nixwarden-)?trash-?[0-9a-f-]*")
+
+
+def ensure_user(name: str):
+    """A system account for client-side tests (created if missing)."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
+                        "/nonexistent", "--user-group", name], check=True)
+        return pwd.getpwnam(name)
+
+
+def norm(value):
+    """Replace pids (``/proc/<pid>/``, ``{temp:<pid>}``) so two runs compare."""
+    if isinstance(value, str):
+        return _TEMP.sub("{temp:PID}", _PROC.sub("/proc/PID/", value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(norm(v) for v in value)
+    if isinstance(value, dict):
+        return {k: norm(v) for k, v in value.items()}
+    return value
+
+
+def assert_same(results: dict, *keys: str, store: bool = True, normalise=norm) -> None:
+    """Each step ``key`` gave the same value on both daemons; with ``store``
+    the final stores (path infos, entries, real verify) agree as well."""
+    want, got = results["nix-daemon"], results["nixwarden"]
+    diffs = []
+    for key in keys:
+        if normalise(want[key]) != normalise(got[key]):
+            diffs.append(f"step {key!r}:\n  nix-daemon: {want[key]!r}\n  nixwarden:  {got[key]!r}")
+    if store:
+        for key in ("_infos", "_store_entries", "_verify"):
+            if want[key] != got[key]:
+                diffs.append(f"{key}:\n  nix-daemon: {want[key]!r}\n  nixwarden:  {got[key]!r}")
+    assert not diffs, "\n".join(diffs) + "\n--- nixwarden log:\n" + got["_log"][-3000:]
+
+
+def symlink(target: str, link: str) -> None:
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(target, link)
+
+
+def write(path: str, text: str, mode: int = 0o644) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    return path
