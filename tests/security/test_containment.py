@@ -29,40 +29,17 @@ import pytest
 from conftest import needs_nix, needs_root
 from lib.nixenv import new_root
 from lib.wclient import WClient
+from lib.procs import children as _children, descendants as _descendants, title as _title
 
 pytestmark = [needs_root, pytest.mark.root]
 
 WORKER_USER = "nixwarden"
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
-            out.append(int(entry))
-    return out
 
 
-def _descendants(pid: int) -> list[int]:
-    out = []
-    for child in _children(pid):
-        out += [child] + _descendants(child)
-    return out
 
 
-def _title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")[0].decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _status(pid: int) -> dict[str, str]:

@@ -36,6 +36,7 @@ from lib.wclient import WClient
 from nixwarden.shared import limits
 from nixwarden.shared.rpc import codec, schema
 from nixwarden.shared.rpc.channel import Channel
+from lib.procs import children as _children, title as _title
 
 pytestmark = [needs_root, needs_nix, pytest.mark.root]
 
@@ -341,27 +342,8 @@ def daemon_store(nixenv):
     return nixenv
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
-            out.append(int(entry))
-    return out
 
 
-def _title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")[0].decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _zygote(daemon_pid: int) -> int:

@@ -124,15 +124,21 @@ def add_to_store_nar(ctx):
         else:
             source = PullSource(ctx.conn) if ctx.version >= NAR_PULLED else InlineSource(ctx.conn)
             chunks = nar_chunks(source)
-        try:
-            req = _nar_request(ctx, path, fields, repair, dont_check_sigs)
-        except StoreRefusal:
-            for _ in chunks:
-                pass
-            raise
-        ctx.store.add_to_store_nar(req, chunks)
+        _forward_nar(ctx, path, fields, repair, dont_check_sigs, chunks)
         return b""
     return run
+
+
+def _forward_nar(ctx, path, fields, repair, dont_check_sigs, chunks) -> None:
+    """Send one NAR with its claims to the session; a request refused before
+    sending still consumes its NAR, so the stream stays in sync."""
+    try:
+        req = _nar_request(ctx, path, fields, repair, dont_check_sigs)
+    except StoreRefusal:
+        for _ in chunks:
+            pass
+        raise
+    ctx.store.add_to_store_nar(req, chunks)
 
 
 @op(Op.ADD_MULTIPLE_TO_STORE)
@@ -149,13 +155,7 @@ def add_multiple_to_store(ctx):
                 fields = source.run(read_path_info_fields())
                 chunks = nar_chunks(source)
                 fields = fields[:5] + (False,) + fields[6:]  # ultimate is cleared (spec §6)
-                try:
-                    req = _nar_request(ctx, path, fields, repair, dont_check_sigs)
-                except StoreRefusal:
-                    for _ in chunks:
-                        pass
-                    raise
-                ctx.store.add_to_store_nar(req, chunks)
+                _forward_nar(ctx, path, fields, repair, dont_check_sigs, chunks)
         finally:
             source.drain()
         return b""
