@@ -182,7 +182,7 @@ class Realiser:
             error = self._substitute([target]).get(target) if self._substitution_on() else None
             if self.db.is_valid(target):
                 return g.Outcome(g.SUBSTITUTED)
-            return g.Outcome(g.NO_SUBSTITUTERS, error or
+            return g.Outcome(g.NO_SUBSTITUTERS, str(error) if error else
                              f"path '{target}' is required, but there is no substituter "
                              "that can build it")
         outcome = target.outcome
@@ -281,8 +281,9 @@ class Realiser:
         results = self._substitute(missing) if self._substitution_on() else {}
         for path in missing:
             if not self.db.is_valid(path):
-                return results.get(path) or (f"dependency '{path}' of '{goal.drv_path}' does "
-                                             "not exist, and substitution is disabled")
+                error = results.get(path) or (f"dependency '{path}' of '{goal.drv_path}' does "
+                                              "not exist, and substitution is disabled")
+                return str(error)
         return None
 
     # --- content-addressed derivations ---------------------------------------------

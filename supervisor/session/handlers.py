@@ -310,10 +310,13 @@ def on_build_paths(session, req: schema.BuildPaths):
     for _, o in failed:
         bits |= o.exit_bits
     status = (bits | 0x60) if bits else 1
-    if len(failed) == 1:
-        raise StoreRefusal(failed[0][1].error, status)
-    for _, o in failed:
-        session.client_log.log(0, f"\x1b[31;1merror:\x1b[0m {o.error}")
+    # As Nix 2.8's Store::buildPaths: only derivation goals carry an error of
+    # their own; a path that could not be substituted fails without one.
+    errors = [str(o.error) for t, o in results if not o.ok and "!" in t]
+    if len(failed) == 1 and errors:
+        raise StoreRefusal(errors[0], status)
+    for error in errors:
+        session.client_log.log(0, f"\x1b[31;1merror:\x1b[0m {error}")
     raise StoreRefusal(f"build of {_show_paths(p for p, _ in failed)} failed", status)
 
 
@@ -322,7 +325,8 @@ def on_ensure_path(session, req: schema.EnsurePath):
     if not session.db.is_valid(path):
         error = session.substitute([path]).get(path)
         if error is not None or not session.db.is_valid(path):
-            raise StoreRefusal(error or f"path '{path}' does not exist and cannot be created")
+            raise StoreRefusal(str(error) if error else
+                               f"path '{path}' does not exist and cannot be created")
     session.temp_roots.add(path)
     return schema.Ok()
 
