@@ -52,6 +52,7 @@ class DrvGoal:
     deferred: bool = False  # output paths depend on content-addressed inputs or outputs
     original: "DrvGoal | None" = None  # for a resolved derivation: the one it stands for
     expanded: bool = False  # input derivations added as goals
+    request: str = "*"  # outputs first asked for ("*" = all), as Nix's goal name shows them
 
     @property
     def name(self) -> str:
@@ -91,7 +92,8 @@ class Planner:
             self.view.temp_roots.add(drv_path)
             drv = self.view.read_derivation(drv_path)
             paths, deferred = self.view.output_paths_and_deferred(drv_path, drv)
-            goal = DrvGoal(drv_path, drv, paths, set(), deferred=deferred)
+            goal = DrvGoal(drv_path, drv, paths, set(), deferred=deferred,
+                           request="*" if wanted is None else ",".join(sorted(wanted)))
             self.goals[drv_path] = goal
         names = set(goal.drv.outputs) if wanted is None else wanted
         missing = names - set(goal.drv.outputs)

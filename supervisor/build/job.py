@@ -78,8 +78,9 @@ class BuildJob:
         launch = self.r.prepare_launch(goal, self.build_dir, self.user, self.build_outputs)
         self.log = BuildLogWriter(self.r.layout.log_dir, os.path.basename(goal.drv_path),
                                   self.r.compress_log) if self.r.keep_log else None
+        verb = "checking outputs of" if goal.check else "building"
         self.act = self.r.client.start(
-            Verbosity.INFO, ActivityType.BUILD, f"building '{goal.drv_path}'",
+            Verbosity.INFO, ActivityType.BUILD, f"{verb} '{goal.drv_path}'",
             (goal.drv_path, "", 1, 1), self.r.builds_act)
         self.started = int(time.time())
         self.last_output = time.monotonic()
@@ -123,10 +124,12 @@ class BuildJob:
 
     def check_timeouts(self, now: float) -> None:
         max_silent, timeout = self.r.max_silent_time, self.r.build_timeout
+        # Nix's DerivationGoal name: the derived path first asked for
+        name = f"building of '{self.goal.drv_path}!{self.goal.request}' from .drv file"
         if max_silent and now - self.last_output > max_silent:
-            self.timed_out = f"{self.goal.drv_path} timed out after {max_silent} seconds of silence"
+            self.timed_out = f"{name} timed out after {max_silent} seconds of silence"
         elif timeout and time.time() - self.started > timeout:
-            self.timed_out = f"{self.goal.drv_path} timed out after {timeout} seconds"
+            self.timed_out = f"{name} timed out after {timeout} seconds"
         if self.timed_out:
             self.kill()
 

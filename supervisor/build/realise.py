@@ -333,7 +333,7 @@ class Realiser:
         self._drvs[info.path] = drv
         paths, deferred = self.output_paths_and_deferred(info.path, drv)
         resolved = g.DrvGoal(info.path, drv, paths, set(goal.wanted), deferred=deferred,
-                             original=goal, check=goal.check)
+                             original=goal, check=goal.check, request=goal.request)
         self.client.log(Verbosity.CHATTY, f"resolved derivation: '{goal.drv_path}' -> "
                         f"'{info.path}'")
         if all(p and self.db.is_valid(p) for p in paths.values()) and not goal.check:
