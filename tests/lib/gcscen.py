@@ -62,3 +62,12 @@ def write(path: str, text: str, mode: int = 0o644) -> str:
         f.write(text)
     os.chmod(path, mode)
     return path
+
+
+def unordered(step):
+    """A step whose stderr lines come in no fixed order (``nix store verify``
+    checks paths in parallel): they are compared sorted."""
+    def run(env, ctx):
+        code, out, err = step(env, ctx)
+        return code, out, "\n".join(sorted(err.splitlines()))
+    return run
