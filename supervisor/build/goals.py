@@ -53,6 +53,7 @@ class DrvGoal:
     original: "DrvGoal | None" = None  # for a resolved derivation: the one it stands for
     expanded: bool = False  # input derivations added as goals
     request: str = "*"  # outputs first asked for ("*" = all), as Nix's goal name shows them
+    wait_act: int = 0  # a resolved goal's "resolved derivation" activity, stopped when done
 
     @property
     def name(self) -> str:

@@ -296,6 +296,9 @@ class Realiser:
         original = goal.original
         if original is None:
             return
+        if goal.wait_act:
+            self.client.stop(goal.wait_act)
+            goal.wait_act = 0
         status = outcome.status
         if outcome.ok and status == g.ALREADY_VALID:
             status = g.RESOLVES_TO_ALREADY_VALID
@@ -334,8 +337,10 @@ class Realiser:
         paths, deferred = self.output_paths_and_deferred(info.path, drv)
         resolved = g.DrvGoal(info.path, drv, paths, set(goal.wanted), deferred=deferred,
                              original=goal, check=goal.check, request=goal.request)
-        self.client.log(Verbosity.CHATTY, f"resolved derivation: '{goal.drv_path}' -> "
-                        f"'{info.path}'")
+        # Nix 2.8: an actBuildWaiting activity (info level) while the resolved one builds
+        resolved.wait_act = self.client.start(
+            Verbosity.INFO, ActivityType.BUILD_WAITING,
+            f"resolved derivation: '{goal.drv_path}' -> '{info.path}'", (goal.drv_path, info.path))
         if all(p and self.db.is_valid(p) for p in paths.values()) and not goal.check:
             self._done(resolved, g.Outcome(g.ALREADY_VALID))
             return None
