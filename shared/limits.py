@@ -85,8 +85,9 @@ RPC_CHUNK = 256 * 1024
 #: Worker crashes (killed by a fault signal) before the zygote is replaced.
 ZYGOTE_MAX_CRASHES = 16
 
-#: Session processes the supervisor keeps forked and waiting.
-SESSION_POOL = 2
+#: Session processes the supervisor keeps forked and waiting (a burst of
+#: connections beyond this forks on demand).
+SESSION_POOL = 4
 
 #: Workers the zygote keeps forked and waiting.
 WORKER_POOL = 2

@@ -26,6 +26,10 @@ from nixwarden.supervisor.session.process import session_main
 
 log = logging.getLogger("nixwarden")
 
+#: How long the accept loop waits before refilling the session pool: sessions
+#: are forked when no connection is waiting, never in front of one.
+IDLE_FILL = 0.005
+
 
 class Daemon:
     def __init__(self, opts, locations, layout, worker_user: str, log_level: str):
@@ -101,7 +105,11 @@ class Daemon:
 
     def _loop(self, sel, wake_r: int) -> int:
         while not self.stopping:
-            for key, _ in sel.select():
+            full = len(self.pool.ready) >= self.pool.size
+            events = sel.select(timeout=None if full else IDLE_FILL)
+            if not events:
+                self.pool.fill()  # forks happen while no client is waiting
+            for key, _ in events:
                 if key.data == "wake":
                     _drain(wake_r)
                     self.pool.reap()
@@ -130,7 +138,6 @@ class Daemon:
                      ident.pid if ident.pid is not None else "<unknown>",
                      ident.user or "<unknown>", " (trusted)" if ident.trusted else "")
             self._start_connection(ident, conn.fileno(), conn.fileno())
-        self.pool.fill()
 
     def _identify(self, conn: socket.socket) -> trust.Identity:
         force = self.opts.trust_override

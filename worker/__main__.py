@@ -34,8 +34,16 @@ EXIT_PROTOCOL = 1
 
 
 def worker_main(sock: socket.socket) -> int:
-    """A forked worker: wait for one handover, contain, serve, exit."""
+    """A forked worker: contain, wait for one handover, serve, exit.
+
+    The containment is applied while the worker waits in the pool (it holds
+    nothing but its handover socket then), so none of it sits on a
+    connection's critical path; the handover brings only the client's and
+    the RPC channel's descriptors, and the handover socket is closed before
+    the first client byte.
+    """
     setproctitle("nixwarden worker (ready)")
+    containment.contain_worker({2, sock.fileno()})
     try:
         got = handover.recv_handover(sock)
     except handover.BadHandover as exc:
@@ -45,7 +53,6 @@ def worker_main(sock: socket.socket) -> int:
         return 0
     assignment, (client_in, client_out, rpc_fd) = got
     sock.close()
-    containment.contain_worker({2, client_in, client_out, rpc_fd})
     setproctitle(f"nixwarden worker uid={assignment.client_uid}")
     rpc = Channel(socket.socket(fileno=rpc_fd))
     return serve_client(assignment, client_in, client_out, rpc)

@@ -124,7 +124,8 @@ def set_rlimits() -> None:
 
 
 def contain_worker(keep: set[int], *, quiet: bool = True) -> None:
-    """Per-worker layers, applied after the handover and before any client byte."""
+    """Per-worker layers, applied in each pooled worker before its handover
+    (``keep``: stderr and the handover socket)."""
     close_other_fds(keep)
     set_rlimits()
     from nixwarden.worker import seccomp

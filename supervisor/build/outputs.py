@@ -78,6 +78,7 @@ class OutputRegistrar:
             real = self.r.layout.real_path(built)
             refs = scanned[name]
             if rewrites and refs & set(rewrites):
+                _make_dirs_writable(real)
                 rewrite_hashes(real, {_hash_part(a): _hash_part(b) for a, b in rewrites.items()})
                 canonicalise(real, from_uid=None)
                 refs = {rewrites.get(r, r) for r in refs}
@@ -122,6 +123,7 @@ class OutputRegistrar:
         final_sp = store_dir.make_fixed_output_path(
             method, modulo, output_path_name(goal.drv.name, name), others, has_self)
         final = store_dir.print(final_sp)
+        _make_dirs_writable(real)
         rewrite_hashes(real, {scratch_hash: final_sp.hash_part})
         canonicalise(real, from_uid=None)
         self.r.temp_roots.add(final)
@@ -267,6 +269,17 @@ def _outputs_in_reference_order(build_outputs, scanned, drv_path) -> list[str]:
         order.extend(ready)
         done.update(ready)
     return order
+
+
+def _make_dirs_writable(real: str) -> None:
+    """Directories of a canonical tree are 0555; renaming entries inside them
+    (rewriting hash parts in names) needs write access even for their owner."""
+    if os.path.isdir(real) and not os.path.islink(real):
+        os.chmod(real, 0o755)
+        for root, dirs, _files, root_fd in os.fwalk(real):
+            for name in dirs:
+                if stat.S_ISDIR(os.stat(name, dir_fd=root_fd, follow_symlinks=False).st_mode):
+                    os.chmod(name, 0o755, dir_fd=root_fd)
 
 
 def _file_chunks(real: str):
