@@ -100,7 +100,14 @@ def contain_zygote(user: str) -> None:
 
 
 def close_other_fds(keep: set[int]) -> None:
-    """Close every descriptor not in ``keep``."""
+    """Close every descriptor not in ``keep``; 0 and 1 become /dev/null, so
+    no descriptor received later lands where stdin/stdout are expected."""
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    for fd in (0, 1):
+        if fd not in keep:
+            os.dup2(devnull, fd)
+    os.close(devnull)
+    keep = keep | {0, 1}
     for fd in map(int, os.listdir("/proc/self/fd")):
         if fd not in keep:
             try:

@@ -100,11 +100,11 @@ def test_worker_holds_only_its_descriptors(held, nixenv):
     client, worker, session = held
     fds = _fds(worker)
     assert not any("db.sqlite" in t or t.endswith("/big-lock") for t in fds.values()), fds
-    # stderr (the daemon's log), the client socket twice (read and write
-    # ends), and the RPC channel: nothing else.
-    assert 2 in fds and 0 not in fds and 1 not in fds, fds
+    # stdin and stdout on /dev/null, stderr (the daemon's log), the client
+    # socket twice (read and write ends), and the RPC channel: nothing else.
+    assert fds.get(0) == fds.get(1) == "/dev/null" and 2 in fds, fds
     sockets = {fd: t for fd, t in fds.items() if t.startswith("socket:")}
-    assert len(sockets) == 3 and len(fds) == 4, fds
+    assert len(sockets) == 3 and len(fds) == 6, fds
     assert len(set(sockets.values())) == 2, "client socket twice, RPC channel once"
     session_sockets = {t for t in _fds(session).values() if t.startswith("socket:")}
     rpc = [t for t in sockets.values() if list(sockets.values()).count(t) == 1]
@@ -253,8 +253,9 @@ def test_containment_layers_from_inside(probe_files):
     assert res["fork"] in ("EAGAIN", "EPERM"), res
     assert res["uid"] == [pw.pw_uid] * 3
     assert res["groups"] == []
-    # Nothing beyond stderr, the report descriptor and listdir's own.
-    assert len(res["fds"]) <= 3, res
+    # Nothing beyond stdin/stdout on /dev/null, stderr, the report descriptor
+    # and listdir's own.
+    assert len(res["fds"]) <= 5 and {0, 1, 2} <= set(res["fds"]), res
     assert (wdir / "w").read_text() == "w\n"
     assert sorted(os.listdir(wdir)) == ["w"]
 
