@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import socket
 import sys
 
@@ -59,6 +60,27 @@ def _db_identity(layout) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _multi_user_store_dir(layout, settings) -> None:
+    """As Nix 2.8's LocalStore constructor: with build users, running as
+    root, the real store directory becomes root:<build-users-group> 01775,
+    so builders running as build users can create their outputs in it
+    (the sticky bit keeps them from removing anyone else's entries)."""
+    group = settings.get("build-users-group")
+    if os.geteuid() != 0 or not group:
+        return
+    import grp
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        log.error("warning: the group '%s' specified in 'build-users-group' does not exist",
+                  group)
+        return
+    st = os.stat(layout.real_store_dir)
+    if st.st_uid != 0 or st.st_gid != gid or stat.S_IMODE(st.st_mode) != 0o1775:
+        os.chown(layout.real_store_dir, 0, gid)
+        os.chmod(layout.real_store_dir, 0o1775)
+
+
 def session_main(ctl: socket.socket, layout, settings) -> None:
     """Body of a pooled session process (the target of its fork)."""
     _reset_signals()
@@ -80,6 +102,7 @@ def session_main(ctl: socket.socket, layout, settings) -> None:
             db.close()
         db = StoreDB.open(layout, ensure_layout=True)
     identity, rpc_fd = got
+    _multi_user_store_dir(layout, settings)
     spawner.title(f"session uid={identity.uid}")
     roots = TempRoots(layout)
     session = Session(identity, settings, layout, db, roots)
