@@ -71,3 +71,83 @@ def unordered(step):
         code, out, err = step(env, ctx)
         return code, out, "\n".join(sorted(err.splitlines()))
     return run
+
+
+# --- filling stores quickly --------------------------------------------------------
+
+def chains_stream(store_dir: str, n_chains: int, length: int, *, tag: str = "c",
+                  payload: int = 64) -> tuple[bytes, list[list[str]]]:
+    """A ``nix-store --import`` stream of ``n_chains`` reference chains of
+    ``length`` input-addressed paths (element i refers to element i-1, and
+    to itself for the last one); returns (stream, chains as path lists)."""
+    from lib.addclient import export_record, import_stream
+    from lib.narlib import input_path, nar
+    records, chains = [], []
+    for c in range(n_chains):
+        chain: list[str] = []
+        for i in range(length):
+            path = input_path(store_dir, f"{tag}{c}-{i}", f"{tag}/{c}/{i}/{store_dir}")
+            refs = chain[-1:]
+            body = (f"{tag} {c} {i} ".encode() * (payload // 8 + 1))[:payload]
+            tree = {"data": body, "ref": ("\n".join(refs) + "\n").encode()}
+            if i == length - 1:
+                tree["self"] = path.encode()
+                refs = refs + [path]
+            records.append(export_record(nar(tree), path, refs))
+            chain.append(path)
+        chains.append(chain)
+    return import_stream(records), chains
+
+
+def import_local(env, stream: bytes) -> list[str]:
+    """Register a generated export stream through the real Nix (no daemon)."""
+    proc = env.run("nix-store", "--import", remote="local", input=stream, timeout=600)
+    return proc.stdout.decode().split()
+
+
+def add_files_local(env, texts: dict[str, bytes], subdir: str = "files") -> list[str]:
+    """Add many regular files in one real ``nix-store --add`` (no daemon)."""
+    d = os.path.join(env.root, "home", subdir)
+    os.makedirs(d, exist_ok=True)
+    names = []
+    for name, data in texts.items():
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
+        names.append(os.path.join(d, name))
+    out = []
+    for i in range(0, len(names), 2000):  # keep argv reasonable
+        out += env.run("nix-store", "--add", *names[i:i + 2000], remote="local",
+                       timeout=600).stdout.decode().split()
+    return out
+
+
+# --- a daemon's processes ------------------------------------------------------------
+
+def child_pids(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(entry))
+    return out
+
+
+def descendant_pids(pid: int) -> list[int]:
+    out = []
+    for child in child_pids(pid):
+        out += [child] + descendant_pids(child)
+    return out
+
+
+def proc_title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
