@@ -21,17 +21,21 @@ def query_missing(session, targets: list[str]) -> schema.Missing:
     sizes = [0, 0]
     todo, seen = list(targets), set()
     while todo:
-        target = todo.pop()
-        if target in seen:
-            continue
-        seen.add(target)
-        path, bang, outputs = target.partition("!")
-        if not bang:
-            _opaque(session, path, will_substitute, unknown, sizes, todo)
-        elif not session.db.is_valid(path):
-            unknown.add(path)
-        else:
-            _derivation(session, path, outputs, will_build, will_substitute, sizes, todo)
+        # One round per level of the closure, its opaque paths looked up in
+        # the caches together (in parallel), as Nix's queryMissing does.
+        batch = [t for t in dict.fromkeys(todo) if t not in seen]
+        seen.update(batch)
+        todo = []
+        opaque = [t for t in batch if "!" not in t]
+        _opaque(session, opaque, will_substitute, unknown, sizes, todo)
+        for target in batch:
+            path, bang, outputs = target.partition("!")
+            if not bang:
+                continue
+            if not session.db.is_valid(path):
+                unknown.add(path)
+            else:
+                _derivation(session, path, outputs, will_build, will_substitute, sizes, todo)
     return schema.Missing(sorted(will_build), sorted(will_substitute), sorted(unknown),
                           sizes[0], sizes[1])
 
@@ -43,14 +47,17 @@ def _fetchable(session, paths: list[str]) -> dict | None:
     return infos if len(infos) == len(paths) else None
 
 
-def _opaque(session, path, will_substitute, unknown, sizes, todo) -> None:
-    if session.db.is_valid(path):
+def _opaque(session, paths, will_substitute, unknown, sizes, todo) -> None:
+    invalid = [p for p in paths if not session.db.is_valid(p)]
+    if not invalid:
         return
-    infos = _fetchable(session, [path])
-    if infos is None:
-        unknown.add(path)
-        return
-    _add_fetched(infos, will_substitute, sizes, todo)
+    infos = session.substituters.query_infos(invalid) \
+        if session.settings.get("substitute") else {}
+    for path in invalid:
+        if path in infos:
+            _add_fetched({path: infos[path]}, will_substitute, sizes, todo)
+        else:
+            unknown.add(path)
 
 
 def _add_fetched(infos, will_substitute, sizes, todo) -> None:
