@@ -54,7 +54,7 @@ class RootFinder:
         try:
             st = os.lstat(path)
             if stat.S_ISDIR(st.st_mode):
-                for name in sorted(os.listdir(path)):
+                for name in os.listdir(path):  # readdir order, as Nix's readDirectory
                     self._scan(os.path.join(path, name), roots)
             elif stat.S_ISLNK(st.st_mode):
                 self._symlink_root(path, os.readlink(path), roots)
