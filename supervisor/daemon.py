@@ -13,6 +13,7 @@ its own settings only.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import selectors
@@ -83,6 +84,9 @@ class Daemon:
 
     def serve_socket(self, sockets: list[socket.socket], bound_path: str | None) -> int:
         spawner.title("supervisor")
+        # Objects that exist now are shared with every forked session; keep
+        # the cyclic collector from touching (and so copying) their pages.
+        gc.freeze()
         self.zygote.start()
         self.pool.fill()
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -12,6 +12,7 @@ zygote's memory layout).  Process: worker zygote.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -113,6 +114,7 @@ class Zygote:
 
     def run(self) -> int:
         setproctitle("nixwarden worker-zygote")
+        gc.freeze()  # keep the collector from copying shared pages in every worker
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)

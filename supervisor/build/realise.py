@@ -225,7 +225,7 @@ class Realiser:
     # --- substitution --------------------------------------------------------------
 
     def _substitution_on(self) -> bool:
-        return bool(self.settings.get("substitute")) and bool(self.session.substituters.urls)
+        return self.session.can_substitute()
 
     def _substitute(self, paths: list[str], cas: dict | None = None) -> dict:
         return self.session.substitute(paths, cas=cas)

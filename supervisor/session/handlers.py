@@ -63,7 +63,7 @@ def on_is_valid_path(session, req: schema.IsValidPath):
 
 def on_query_valid_paths(session, req: schema.QueryValidPaths):
     paths = _paths(session, req.paths)
-    if req.substitute and session.settings.get("substitute"):
+    if req.substitute and session.can_substitute():
         missing = [p for p in paths
                    if not p.endswith(".drv") and p not in session.db.valid_subset([p])]
         if missing:
@@ -125,11 +125,15 @@ def on_query_derivation_output_map(session, req: schema.QueryDerivationOutputMap
 
 def on_query_substitutable_paths(session, req: schema.QuerySubstitutablePaths):
     paths = _paths(session, req.paths)
+    if not session.can_substitute():
+        return schema.Paths([])
     return schema.Paths(sorted(session.substituters.query_substitutable(paths)))
 
 
 def on_query_substitutable_path_infos(session, req: schema.QuerySubstitutablePathInfos):
     paths = _paths(session, [p for p, _ in req.paths])
+    if not session.can_substitute():
+        return schema.SubstitutableInfos([])
     infos = session.substituters.query_infos(paths, dict(req.paths))
     return schema.SubstitutableInfos(sorted(
         (i.path, i.deriver, sorted(i.references), i.download_size, i.nar_size)
@@ -323,7 +327,7 @@ def on_build_paths(session, req: schema.BuildPaths):
 def on_ensure_path(session, req: schema.EnsurePath):
     path = _paths(session, [req.path])[0]
     if not session.db.is_valid(path):
-        error = session.substitute([path]).get(path)
+        error = session.substitute([path]).get(path) if session.can_substitute() else None
         if error is not None or not session.db.is_valid(path):
             raise StoreRefusal(str(error) if error else
                                f"path '{path}' does not exist and cannot be created")

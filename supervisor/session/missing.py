@@ -41,7 +41,7 @@ def query_missing(session, targets: list[str]) -> schema.Missing:
 
 
 def _fetchable(session, paths: list[str]) -> dict | None:
-    if not session.settings.get("substitute"):
+    if not session.can_substitute():
         return None
     infos = session.substituters.query_infos(paths)
     return infos if len(infos) == len(paths) else None
@@ -52,7 +52,7 @@ def _opaque(session, paths, will_substitute, unknown, sizes, todo) -> None:
     if not invalid:
         return
     infos = session.substituters.query_infos(invalid) \
-        if session.settings.get("substitute") else {}
+        if session.can_substitute() else {}
     for path in invalid:
         if path in infos:
             _add_fetched({path: infos[path]}, will_substitute, sizes, todo)

@@ -107,11 +107,10 @@ def session_main(ctl: socket.socket, layout, settings) -> None:
     roots = TempRoots(layout)
     session = Session(identity, settings, layout, db, roots)
     session.writer = StoreWriter(layout, db, roots, settings)
-    session.reset_substituters()
     try:
         code = loop.serve(session, Channel(socket.socket(fileno=rpc_fd)))
     finally:
-        session.substituters.close()
+        session.reset_substituters()
         session.writer.close()
         roots.close()
         db.close()

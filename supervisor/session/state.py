@@ -27,7 +27,7 @@ class Session:
     writer: object = None  # supervisor.store.adding.StoreWriter
     channel: object = None  # shared.rpc.channel.Channel, set by the loop
     client_log: object = None  # session.clientlog.ClientLog, set by the loop
-    substituters: object = None  # store.substitute.Substituters for the current settings
+    _substituters: object = None  # store.substitute.Substituters, made on first use
     store_dir: StoreDir = field(init=False)
     requests: int = 0
 
@@ -49,13 +49,26 @@ class Session:
         return self.store_dir.print(sp)
 
     def reset_substituters(self) -> None:
-        """(Re)create the binary caches from the current settings."""
-        from nixwarden.supervisor.store.substitute import Substituters
-        if self.substituters is not None:
-            self.substituters.close()
-        self.substituters = Substituters(
-            self.settings, self.store_dir, self.layout.state_dir,
-            log=lambda level, text: self.client_log.log(level, text) if self.client_log else None)
+        """Forget the binary caches; the next use opens them from the current
+        settings (most connections never substitute, so nothing is loaded
+        before it is needed)."""
+        if self._substituters is not None:
+            self._substituters.close()
+            self._substituters = None
+
+    def can_substitute(self) -> bool:
+        """Substitution is on and some binary cache is configured."""
+        return bool(self.settings.get("substitute")) and bool(self.settings.get("substituters"))
+
+    @property
+    def substituters(self):
+        if self._substituters is None:
+            from nixwarden.supervisor.store.substitute import Substituters
+            self._substituters = Substituters(
+                self.settings, self.store_dir, self.layout.state_dir,
+                log=lambda level, text: self.client_log.log(level, text)
+                if self.client_log else None)
+        return self._substituters
 
     def substitute(self, paths, *, repair: bool = False, cas=None) -> dict:
         """Fetch ``paths`` (and their closures) from the binary caches.
