@@ -9,8 +9,9 @@ content-addressed ``nix-store --add`` file.  It then copies them with
 ``nix copy --to file://...`` into caches under ``<side>/caches``: one per
 compression (signed with a key from ``nix-store --generate-binary-cache-key``
 via ``nix store sign``), ``unsigned``, ``otherkey`` (signed at copy time by
-``secret-key=`` with another key), ``badsig`` (signatures replaced by wrong ones of the right length),
-``shortsig`` (signatures of a malformed length),
+``secret-key=`` with another key), ``badsig`` (signatures replaced by
+wrong ones of the right length), ``shortsig`` (signatures of a malformed
+length),
 ``second`` (an xz copy), and ``empty`` (only ``nix-cache-info``).  The
 source store is removed afterwards; the caches stay until ``cleanup``.
 
@@ -79,7 +80,8 @@ class CacheWorld:
         def local(*args) -> str:
             return env.run(*args, remote="local").stdout.decode().strip()
 
-        self.drv = {a: local("nix-instantiate", self.expr, "-A", a) for a in ("dep", "mid", "top")}
+        self.drv = {a: local("nix-instantiate", self.expr, "-A", a)
+                    for a in ("dep", "mid", "top")}
         self.out = {a: local("nix-store", "-r", self.drv[a]) for a in ("dep", "mid", "top")}
         self.top, self.mid, self.dep = self.out["top"], self.out["mid"], self.out["dep"]
         self.closure = sorted([self.top, self.mid, self.dep])
@@ -102,9 +104,11 @@ class CacheWorld:
         for name in os.listdir(self.cache("badsig")):
             if name.endswith(".narinfo"):
                 # well-formed (64 bytes) but not a signature of this path
-                sub(self.cache("badsig", name), r"Sig: nwtest-cache-1:....", "Sig: nwtest-cache-1:AAAA")
+                sub(self.cache("badsig", name), r"Sig: nwtest-cache-1:....",
+                    "Sig: nwtest-cache-1:AAAA")
                 # malformed: 67 bytes
-                edit(self.cache("shortsig", name), "Sig: nwtest-cache-1:", "Sig: nwtest-cache-1:AAAA")
+                edit(self.cache("shortsig", name), "Sig: nwtest-cache-1:",
+                     "Sig: nwtest-cache-1:AAAA")
         os.makedirs(self.cache("empty"))
         shutil.copy(self.cache("xz", "nix-cache-info"), self.cache("empty", "nix-cache-info"))
         self.signed_infos = {i["path"]: i for i in json.loads(
