@@ -79,6 +79,11 @@ def _multi_user_store_dir(layout, settings) -> None:
     if st.st_uid != 0 or st.st_gid != gid or stat.S_IMODE(st.st_mode) != 0o1775:
         os.chown(layout.real_store_dir, 0, gid)
         os.chmod(layout.real_store_dir, 0o1775)
+    # Unlike Nix 2.8 (0755), the database directory is root's alone when
+    # builds run as build users: an unsandboxed builder must not read the
+    # store's metadata (issue: "secrets stay put").  Clients use the daemon.
+    if stat.S_IMODE(os.stat(layout.db_dir).st_mode) != 0o700:
+        os.chmod(layout.db_dir, 0o700)
 
 
 def session_main(ctl: socket.socket, layout, settings) -> None:

@@ -217,10 +217,6 @@ def test_build_cannot_reach_other_builds_or_daemon_secrets(plain):
     env.run("nix-store", "--verify", "--check-contents", remote="local")
 
 
-@pytest.mark.xfail(strict=True, reason="<state>/db/db.sqlite (and -wal/-shm) are 0644 in a "
-                   "0755 directory, so any build user can read the whole database; "
-                   "nix-daemon 2.8 creates them the same way (sqlite's default mode), but "
-                   "issue 4 point 7 asks that builds cannot read the daemon's files")
 def test_build_cannot_read_the_database(plain):
     env, expr, _, _ = plain
     outs = _build(env, expr, "-A", "attacker2")
