@@ -49,6 +49,7 @@ class DrvGoal:
     dependents: list["DrvGoal"] = field(default_factory=list)
     outcome: Outcome | None = None
     check: bool = False  # --check: rebuild valid outputs and compare
+    repair: bool = False  # with check: replace the valid outputs by the rebuild
     deferred: bool = False  # output paths depend on content-addressed inputs or outputs
     original: "DrvGoal | None" = None  # for a resolved derivation: the one it stands for
     expanded: bool = False  # input derivations added as goals

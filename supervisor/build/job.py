@@ -78,7 +78,8 @@ class BuildJob:
         launch = self.r.prepare_launch(goal, self.build_dir, self.user, self.build_outputs)
         self.log = BuildLogWriter(self.r.layout.log_dir, os.path.basename(goal.drv_path),
                                   self.r.compress_log) if self.r.keep_log else None
-        verb = "checking outputs of" if goal.check else "building"
+        verb = ("repairing outputs of" if goal.repair else
+                "checking outputs of" if goal.check else "building")
         self.act = self.r.client.start(
             Verbosity.INFO, ActivityType.BUILD, f"{verb} '{goal.drv_path}'",
             (goal.drv_path, "", 1, 1), self.r.builds_act)

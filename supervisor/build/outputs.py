@@ -154,7 +154,11 @@ class OutputRegistrar:
             canonicalise(real, from_uid=None)
             try:
                 self._check_fixed(goal, name, final, real, keep_mismatch=False)
-                got, _ = nar.nar_hash_of_path(real)
+                got, size = nar.nar_hash_of_path(real)
+                if goal.repair:
+                    self._replace(real, final, got, size)
+                    outputs[name] = final
+                    continue
                 want = Hash.parse(self.r.db.query_path_info(final).nar_hash)
                 if got != want:
                     detail = ""
@@ -169,6 +173,15 @@ class OutputRegistrar:
                     remove_entry(self.r.store_fd, os.path.basename(real))
             outputs[name] = final
         return outputs
+
+    def _replace(self, real: str, final: str, nar_hash: Hash, nar_size: int) -> None:
+        """Repair: put a rebuilt output in place of a damaged valid one."""
+        from nixwarden.supervisor.store.restore import remove_entry
+        base = os.path.basename(self.r.layout.real_path(final))
+        remove_entry(self.r.store_fd, base)
+        os.rename(real, self.r.layout.real_path(final))
+        self.r.db.update_path_info(final, nar_hash=f"sha256:{nar_hash.to_base16()}",
+                                   nar_size=nar_size)
 
     def _check_output(self, goal, name, path, real, user, check_owner=True) -> None:
         try:

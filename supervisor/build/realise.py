@@ -157,6 +157,21 @@ class Realiser:
             self.client.stop(act)
         return [(text, self._target_outcome(target)) for text, target in plan.targets]
 
+    def repair_outputs(self, drv_path: str) -> bool:
+        """Rebuild a valid derivation's outputs and put them in place of the
+        damaged ones (VerifyStore --repair without a substitute)."""
+        plan = g.Planner(self, check=True).plan([drv_path + "!*"])
+        goal = plan.targets[0][1]
+        goal.check = goal.repair = True
+        act = self.client.start(Verbosity.ERROR, ActivityType.REALISE)
+        self.builds_act = self.client.start(Verbosity.ERROR, ActivityType.BUILDS, "", (), act)
+        try:
+            self._run(plan, CHECK)
+        finally:
+            self.client.stop(self.builds_act)
+            self.client.stop(act)
+        return bool(goal.outcome and goal.outcome.ok)
+
     def build_basic(self, drv_path: str, drv, mode: int) -> g.Outcome:
         """BuildDerivation: build a derivation the client sent whole (its
         inputs are store paths that must be valid)."""

@@ -397,8 +397,24 @@ def on_verify_store(session, req: schema.VerifyStore):
         raise StoreRefusal("you are not privileged to repair paths")
     errors = verify.verify_store(session.layout, session.db, check_contents=req.check_contents,
                                  repair=req.repair,
-                                 log=lambda level, text: session.client_log.log(level, text))
+                                 log=lambda level, text: session.client_log.log(level, text),
+                                 repair_path=lambda p: _repair_path(session, p))
     return schema.Bool(errors)
+
+
+def _repair_path(session, path: str) -> bool:
+    """Re-fetch a damaged path, else rebuild it from its valid deriver (as
+    Nix's repairPath); True when it was repaired."""
+    if session.can_substitute() and session.substitute([path], repair=True).get(path) is None:
+        return True
+    deriver = session.db.query_deriver(path)
+    if not deriver or not session.db.is_valid(deriver):
+        return False
+    # What the repairing derivation goal reports first (as Nix 2.8).
+    session.client_log.log(3, f"checking path '{path}'...")
+    session.client_log.log(0, f"path '{path}' is corrupted or missing!")
+    from nixwarden.supervisor.build.realise import Realiser
+    return Realiser(session).repair_outputs(deriver)
 
 
 def on_add_build_log(session, req: schema.AddBuildLog):

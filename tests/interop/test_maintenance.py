@@ -108,9 +108,6 @@ def test_verify_and_repair(root, user):
     assert ctx["top_dev"] not in got["_infos"]
 
 
-@pytest.mark.xfail(strict=True, reason="VerifyStore --repair does not rebuild a corrupted "
-                   "output from its valid deriver (Nix 2.8's repairPath: 'repairing outputs "
-                   "of ...'); the Realiser has no repair build mode yet")
 def test_verify_repair_rebuilds_outputs(root, user):
     r = run_both(root, lambda env: _damaged(env, rebuildable=True), VERIFY_STEPS)
     assert_same(r, *VERIFY_STEPS)
