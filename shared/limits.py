@@ -25,8 +25,10 @@ MAX_OVERRIDES = 4096
 #: Largest single frame of a framed stream (the C++ reader's 32-bit limit).
 MAX_FRAME = 2**32 - 1
 
-#: How many bytes the worker reads from the client socket at once.
-RECV_CHUNK = 256 * 1024
+#: How many bytes the worker reads from the client socket at once.  Kept
+#: below malloc's mmap threshold (128 KiB): a larger read buffer costs an
+#: mmap and munmap on every small request.
+RECV_CHUNK = 64 * 1024
 
 # --- NAR ----------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ class Channel:
     allocated ahead from its header.
     """
 
-    RECV_SIZE = 256 * 1024
+    RECV_SIZE = 64 * 1024  # below malloc's mmap threshold (see limits.RECV_CHUNK)
 
     def __init__(self, sock: socket.socket):
         self.sock = sock

@@ -18,6 +18,10 @@ from nixwarden.shared.storepath import StorePath
 
 def _hex_hash(db_hash: str) -> str:
     """The DB's ``sha256:<hex>`` (or any prefixed form) as bare hex."""
+    if len(db_hash) == 71 and db_hash.startswith("sha256:"):  # what Nix writes
+        hex_part = db_hash[7:].lower()
+        if all(c in "0123456789abcdef" for c in hex_part):
+            return hex_part
     from nixwarden.shared.hashes import Hash
     return Hash.parse(db_hash).to_base16()
 
