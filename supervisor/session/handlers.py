@@ -149,8 +149,8 @@ def on_query_missing(session, req: schema.QueryMissing):
     for target in req.targets:
         path_text, bang, outputs = target.partition("!")
         session.store_path(path_text)
-        if bang and (not session.store_path(path_text).is_derivation or not outputs):
-            raise WorkerViolation(f"derived path '{target}' names no derivation")
+        if bang and not outputs:
+            raise WorkerViolation(f"derived path '{target}' names no outputs")
     return query_missing(session, req.targets)
 
 

@@ -34,8 +34,10 @@ def query_missing(session, targets: list[str]) -> schema.Missing:
                 continue
             if not session.db.is_valid(path):
                 unknown.add(path)
-            else:
+            elif path.endswith(".drv"):
                 _derivation(session, path, outputs, will_build, will_substitute, sizes, todo)
+            # A valid path that is no derivation has no outputs: nothing is
+            # missing (as nix-daemon 2.8 answers).
     return schema.Missing(sorted(will_build), sorted(will_substitute), sorted(unknown),
                           sizes[0], sizes[1])
 

@@ -375,9 +375,6 @@ XFAIL: dict[str, str] = {
     "new-bad-name-38": "AddToStore with an invalid name: nixwarden refuses before hashing "
                        "and names the bare name (\"store path 'store path name' contains "
                        "illegal character\"), nix-daemon 2.8 names '<hash>-<name>'",
-    "query-missing-nondrv-38": "QueryMissing of '<non-drv path>!out': the session treats it "
-                               "as a WorkerViolation and drops the connection; nix-daemon "
-                               "2.8 answers (nothing missing)",
 }
 
 #: Steps where CppNix loses the connection's sync after the error (it does not
