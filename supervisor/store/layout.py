@@ -134,8 +134,10 @@ class StoreLayout:
         if not os.path.isdir(self.gcroots_dir):
             _mkdirs(self.gcroots_dir)
             link = self.gcroots_dir + "/profiles"
-            if not os.path.lexists(link):
+            try:  # several processes may create a new store at once
                 os.symlink(self.profiles_dir, link)
+            except FileExistsError:
+                pass
         for per_user in (self.profiles_dir + "/per-user", self.gcroots_dir + "/per-user"):
             _mkdirs(per_user)
             os.chmod(per_user, 0o755)
