@@ -123,31 +123,6 @@ def add_files_local(env, texts: dict[str, bytes], subdir: str = "files") -> list
 
 # --- a daemon's processes ------------------------------------------------------------
 
-def child_pids(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
-            out.append(int(entry))
-    return out
-
-
-def descendant_pids(pid: int) -> list[int]:
-    out = []
-    for child in child_pids(pid):
-        out += [child] + descendant_pids(child)
-    return out
-
-
-def proc_title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")[0].decode(errors="replace")
-    except OSError:
-        return ""
+from lib.procs import children as child_pids  # noqa: E402,F401
+from lib.procs import descendants as descendant_pids  # noqa: E402,F401
+from lib.procs import title as proc_title  # noqa: E402,F401
