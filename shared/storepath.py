@@ -206,10 +206,11 @@ class StoreDir:
         Raises:
             BadStorePath: ``name`` is not a valid store-path name.
         """
-        check_name(name, name)
         fingerprint = f"{path_type}:{inner_hash.to_prefixed('base16')}:{self.path}:{name}"
         digest = Hash.compute(HashAlgo.SHA256, fingerprint.encode()).digest
-        return StorePath(base32.encode(compress_hash(digest, 20)), name)
+        hash_part = base32.encode(compress_hash(digest, 20))
+        check_name(name, f"{hash_part}-{name}")  # Nix names the whole base name
+        return StorePath(hash_part, name)
 
     def make_output_path(self, output_name: str, drv_hash: Hash, name: str) -> StorePath:
         """Input-addressed output path; ``name`` is the derivation's name."""

@@ -231,11 +231,10 @@ def on_add_to_store_nar(session, req: schema.AddToStoreNar):
 
 
 def on_add_to_store(session, req: schema.AddToStore):
-    from nixwarden.shared.storepath import ContentAddressMethod, check_name
+    from nixwarden.shared.storepath import ContentAddressMethod
     chunks = session.stream()
     try:
         method = ContentAddressMethod.parse(req.method)
-        check_name(req.name, "store path name")
         refs = _paths(session, req.references)
     except ValueError as exc:
         for _ in chunks:

@@ -372,9 +372,6 @@ XFAIL: dict[str, str] = {
     "add-fixed-flat-dir": "flat content address of a directory (AddToStoreNar with "
                           "ca fixed:sha256): nixwarden says 'flat content must be a single "
                           "regular file', nix-daemon 2.8 'reading from file: Is a directory'",
-    "new-bad-name-38": "AddToStore with an invalid name: nixwarden refuses before hashing "
-                       "and names the bare name (\"store path 'store path name' contains "
-                       "illegal character\"), nix-daemon 2.8 names '<hash>-<name>'",
 }
 
 #: Steps where CppNix loses the connection's sync after the error (it does not
