@@ -13,11 +13,14 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+
+from lib.wclient import MAGIC_1
 
 NIX_CONF = """\
 build-users-group =
@@ -162,11 +165,22 @@ def start_nix_daemon(nixenv: NixEnv, *args, socket_path=None) -> Daemon:
 
 
 def _accepts(path: str) -> bool:
+    """Whether ``path`` accepts a connection; then wait for the daemon's first
+    handshake word, so the store it serves has been opened (and, if new,
+    created) before any test connects: nix-daemon 2.8 opens the store in each
+    connection's child, and two children creating one new store race on the
+    gcroots/profiles link ("creating symlink ...: File exists")."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(path)
         except OSError:
             return False
+        s.settimeout(30)
+        try:
+            s.sendall(struct.pack("<Q", MAGIC_1))
+            s.recv(8)
+        except OSError:
+            pass  # it accepted; what it answers is the tests' business
     return True
 
 
