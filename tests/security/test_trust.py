@@ -134,6 +134,8 @@ def daemons():
     yield start
     for d in started:
         d.stop()
+        # Captured, so pytest shows it only when the test failed.
+        print(f"--- {' '.join(d.cmd)} ---\n{d.output()}")
 
 
 # --- default configuration (trusted-users = root, allowed-users = *) ------------
