@@ -499,25 +499,30 @@ def _open_checked(layout: StoreLayout, big_lock_fd: int) -> sqlite3.Connection:
         raise StoreRefusal(f"current Nix store schema is version {schema}, "
                            f"but I only support {NIX_SCHEMA_VERSION}")
     if schema == 0:
-        return _create(layout, big_lock_fd)
+        return _create(layout)
     if schema < NIX_SCHEMA_VERSION:
         return _upgrade(layout, big_lock_fd, schema)
     return _connect(layout.db_path, create=False)
 
 
-def _create(layout: StoreLayout, big_lock_fd: int) -> sqlite3.Connection:
-    """Create a new database under the exclusive big-lock, so that several
-    processes opening a new store at once create it exactly once."""
-    locks.flock(big_lock_fd, exclusive=True, wait=True)
+def _create(layout: StoreLayout) -> sqlite3.Connection:
+    """Create a new database, as Nix does, under the shared big-lock only.
+
+    Several processes may do this at once: the schema is created in one
+    SQLite write transaction of ``if not exists`` statements (so they take
+    turns and nobody sees half of it), and ``db/schema`` is replaced
+    atomically.  Upgrading the shared big-lock to exclusive here instead
+    would deadlock: a pooled session holds it shared while it waits for a
+    connection, and two processes upgrading at once wait for each other.
+    """
+    conn = _connect(layout.db_path, create=True)
     try:
-        if layout.read_schema_version() != 0:  # created meanwhile by another process
-            return _connect(layout.db_path, create=False)
-        conn = _connect(layout.db_path, create=True)
-        conn.executescript(_SCHEMA_SQL)
-        layout.write_schema_version(NIX_SCHEMA_VERSION)
-        return conn
-    finally:
-        locks.flock(big_lock_fd, exclusive=False, wait=True)
+        conn.executescript(f"begin immediate;\n{_SCHEMA_SQL}\ncommit;")
+    except BaseException:
+        conn.close()
+        raise
+    layout.write_schema_version(NIX_SCHEMA_VERSION)
+    return conn
 
 
 def _upgrade(layout: StoreLayout, big_lock_fd: int, schema: int) -> sqlite3.Connection:

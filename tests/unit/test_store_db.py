@@ -137,6 +137,40 @@ def test_big_lock_held_shared_while_open(layout):
         d.close()
 
 
+
+def _open_and_report(layout, q):
+    try:
+        with StoreDB.open(layout) as d:
+            q.put(d.conn.execute("select count(*) from ValidPaths").fetchone()[0])
+    except BaseException as e:  # reported, so the parent's assertion shows it
+        q.put(repr(e))
+
+
+def test_new_store_created_while_others_hold_the_big_lock_shared(layout):
+    """Several processes open one new store at once while another (like a
+    pooled session) holds the big-lock shared: all of them finish, the
+    schema is created once and whole.  (Creating under an exclusive lock
+    waited forever for the holder.)"""
+    layout.ensure_directories(as_root=os.getuid() == 0)
+    holder = os.open(layout.big_lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_SH)
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_open_and_report, args=(layout, q)) for _ in range(4)]
+    try:
+        for proc in procs:
+            proc.start()
+        results = [q.get(timeout=60) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.exitcode is None:
+                proc.kill()
+        os.close(holder)
+    assert results == [0, 0, 0, 0]
+    with open(layout.schema_path) as f:
+        assert f.read() == "10"
+
 # -- registration and queries ------------------------------------------------------------
 
 
