@@ -20,7 +20,7 @@ from nixwarden.supervisor import spawner
 from nixwarden.supervisor.session import loop
 from nixwarden.supervisor.session.state import Session
 from nixwarden.supervisor.store.adding import StoreWriter
-from nixwarden.supervisor.store.db import StoreDB
+from nixwarden.supervisor.store.db import NIX_SCHEMA_VERSION, StoreDB
 from nixwarden.supervisor.store.locks import TempRoots
 
 log = logging.getLogger("nixwarden.session")
@@ -60,6 +60,18 @@ def _db_identity(layout) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _schema_is_current(layout) -> bool:
+    """Whether ``db/schema`` names the current version.  A pooled session
+    opens the database early only then: creating or upgrading a schema is
+    left to a session serving a client, since an idle pooled session holds
+    the big-lock shared and would keep an upgrade (which needs it
+    exclusive) waiting until the next connection."""
+    try:
+        return layout.read_schema_version() == NIX_SCHEMA_VERSION
+    except ValueError:  # a corrupt schema file: reported to the client later
+        return False
+
+
 def _multi_user_store_dir(layout, settings) -> None:
     """As Nix 2.8's LocalStore constructor: with build users, running as
     root, the real store directory becomes root:<build-users-group> 01775,
@@ -94,7 +106,7 @@ def session_main(ctl: socket.socket, layout, settings) -> None:
     # A pooled session opens an existing database early but never creates
     # anything before it has a connection (CppNix opens the store per
     # connection; a store removed meanwhile must not be recreated by us).
-    opened = _db_identity(layout)
+    opened = _db_identity(layout) if _schema_is_current(layout) else None
     db = StoreDB.open(layout, ensure_layout=False) if opened else None
     got = spawner.receive_assignment(ctl)
     ctl.close()

@@ -530,9 +530,19 @@ def _upgrade(layout: StoreLayout, big_lock_fd: int, schema: int) -> sqlite3.Conn
     if schema < 7:
         raise StoreRefusal(f"Nix store schema version {schema} is too old; "
                            "upgrade it with an older Nix first")
-    if not locks.flock(big_lock_fd, exclusive=True, wait=False):
-        log.info("waiting for exclusive access to the Nix store...")
-        locks.flock(big_lock_fd, exclusive=True, wait=True)
+    # Not a blocking upgrade of the shared lock: if another process upgrades
+    # first, it keeps the lock shared afterwards (and so may a pooled session
+    # that opens the upgraded store), and we would wait for them all.  A
+    # failed conversion drops our shared lock, so take it back and look again.
+    waited = False
+    while not locks.flock(big_lock_fd, exclusive=True, wait=False):
+        if not waited:
+            log.info("waiting for exclusive access to the Nix store...")
+            waited = True
+        locks.flock(big_lock_fd, exclusive=False, wait=True)
+        if layout.read_schema_version() >= NIX_SCHEMA_VERSION:
+            return _connect(layout.db_path, create=False)
+        time.sleep(0.1)
     schema = layout.read_schema_version()  # someone may have done it
     conn = _connect(layout.db_path, create=False)
     steps = [(8, ["alter table ValidPaths add column ultimate integer",

@@ -165,3 +165,44 @@ def test_invalid_value_is_fatal_like_nix_daemon(env, line, setting):
     assert results[0][0] == 1 and f"'{setting}'" in results[0][1]
     assert results[1] == results[0]
     assert not os.path.exists(env.socket_path)
+
+
+def test_old_schema_store_upgraded_while_clients_connect(env):
+    """A store at schema 9 (as an older Nix left it): the first clients of a
+    fresh daemon all get answers and the store ends at schema 10.  (Pooled
+    sessions used to open it early, each holding the big-lock shared while
+    waiting for the exclusive one to upgrade: the first connections hung.)"""
+    import socket
+    import sqlite3
+    import threading
+    path = env.add_text("before-upgrade", "kept\n")
+    db_dir = os.path.join(env.root, "var/nix/db")
+    with sqlite3.connect(os.path.join(db_dir, "db.sqlite")) as conn:
+        conn.execute("alter table ValidPaths drop column ca")
+    with open(os.path.join(db_dir, "schema"), "w") as f:
+        f.write("9")
+    d = start_nixwarden(env)
+    errors = []
+
+    def client():
+        try:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(60)
+            sock.connect(env.socket_path)
+            c = WClient(sock=sock, minor=35)
+            c.close()
+        except Exception as exc:  # collected; asserted below
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == [], d.output()
+        r = env.run("nix-store", "-q", "--hash", path)
+        assert r.stdout.startswith(b"sha256:")
+        with open(os.path.join(db_dir, "schema")) as f:
+            assert f.read() == "10"
+    finally:
+        d.stop()

@@ -171,6 +171,34 @@ def test_new_store_created_while_others_hold_the_big_lock_shared(layout):
     with open(layout.schema_path) as f:
         assert f.read() == "10"
 
+
+def test_upgrade_waits_for_nobody_once_another_process_upgraded(layout):
+    """A process that wants to upgrade schema 9 while another holds the
+    big-lock shared sees the upgrade done by someone else and goes on,
+    however long the other holds on (it used to wait for exclusive access)."""
+    with StoreDB.open(layout) as d:
+        d.conn.execute("alter table ValidPaths drop column ca")
+    with open(layout.schema_path, "w") as f:
+        f.write("9")
+    holder = os.open(layout.big_lock_path, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_SH)
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_open_and_report, args=(layout, q))
+    try:
+        proc.start()
+        time.sleep(0.5)  # it is now waiting for the holder
+        import sqlite3
+        with sqlite3.connect(layout.db_path) as conn:  # the holder upgrades
+            conn.execute("alter table ValidPaths add column ca text")
+        layout.write_schema_version(10)
+        assert q.get(timeout=30) == 0
+    finally:
+        proc.join(timeout=5)
+        if proc.exitcode is None:
+            proc.kill()
+        os.close(holder)
+
 # -- registration and queries ------------------------------------------------------------
 
 
