@@ -23,16 +23,10 @@ TEST_USER = "nwtest"
 @pytest.fixture(scope="session")
 def test_user():
     """An unprivileged account for client-side tests (created if missing; root only)."""
-    import pwd
-    import subprocess
+    from lib.accounts import ensure_user
     if os.geteuid() != 0:
         pytest.skip("needs root to create a test user")
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
-                        "/nonexistent", "--user-group", TEST_USER], check=True)
-        return pwd.getpwnam(TEST_USER)
+    return ensure_user(TEST_USER)
 
 
 @pytest.fixture

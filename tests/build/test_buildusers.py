@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from lib.builds import ensure_build_users
 from nixwarden.supervisor.build.buildusers import (
     BuildUserError, acquire_build_user, become_build_user, kill_user_processes)
 
@@ -19,21 +20,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 def _ensure_build_users(count: int = 3) -> None:
     """Create group nixbld with members nixbld1..N if absent (root only)."""
-    try:
-        grp.getgrnam(GROUP)
-    except KeyError:
-        subprocess.run(["groupadd", "--system", GROUP], check=True)
-    for i in range(1, count + 1):
-        name = f"{GROUP}{i}"
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
-                            "/var/empty", "--shell", "/usr/sbin/nologin", "-g", GROUP,
-                            "-G", GROUP, name], check=True)
-        if name not in grp.getgrnam(GROUP).gr_mem:
-            subprocess.run(["gpasswd", "-a", name, GROUP], check=True,
-                           stdout=subprocess.DEVNULL)
+    ensure_build_users(count)
 
 
 @pytest.fixture(scope="module")

@@ -70,16 +70,10 @@ in derivation {
 
 @pytest.fixture(scope="module")
 def add_user():
-    import pwd
-    import subprocess
+    from lib.accounts import ensure_user
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    try:
-        return pwd.getpwnam(ADD_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
-                        "/nonexistent", "--user-group", ADD_USER], check=True)
-        return pwd.getpwnam(ADD_USER)
+    return ensure_user(ADD_USER)
 
 
 @pytest.fixture(scope="module")

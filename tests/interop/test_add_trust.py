@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pwd
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ import subprocess
 import pytest
 
 from conftest import needs_nix, needs_root
+from lib.accounts import ensure_user
 from lib.addclient import AddClient, export_record, import_stream
 from lib.differential import cli, connect_as, run_both
 from lib.narlib import input_path, nar, nix32, source_path
@@ -37,12 +37,7 @@ USER = "nwtest-trust"
 
 @pytest.fixture(scope="module")
 def user():
-    try:
-        return pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
-                        "/nonexistent", "--user-group", USER], check=True)
-        return pwd.getpwnam(USER)
+    return ensure_user(USER)
 
 
 @pytest.fixture(scope="module")

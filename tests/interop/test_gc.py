@@ -21,7 +21,8 @@ import pytest
 from conftest import needs_nix, needs_root
 from lib.addclient import AddClient
 from lib.differential import cli, run_both
-from lib.gcscen import assert_same, ensure_user, symlink, write
+from lib.accounts import ensure_user
+from lib.gcscen import assert_same, symlink, write
 from lib.nixenv import new_root
 from lib.samplestore import populate
 

@@ -22,7 +22,8 @@ import pytest
 
 from conftest import needs_nix, needs_root
 from lib.differential import cli, run_both
-from lib.gcscen import assert_same, ensure_user, unordered, write
+from lib.accounts import ensure_user
+from lib.gcscen import assert_same, unordered, write
 from lib.narlib import nix32
 from lib.nixenv import new_root
 from lib.samplestore import populate

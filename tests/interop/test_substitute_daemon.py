@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import re
-import subprocess
 import time
 
 import pytest
 
 from conftest import needs_nix, needs_root
+from lib.accounts import ensure_user
 from lib.cacheworld import COMPRESSIONS, CacheWorld, serve, stop
 from lib.differential import cli, run_both
 from lib.wclient import DaemonError, WClient
@@ -53,12 +52,7 @@ def server(world):
 
 @pytest.fixture(scope="module")
 def user():
-    try:
-        return pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
-                        "/nonexistent", "--user-group", USER], check=True)
-        return pwd.getpwnam(USER)
+    return ensure_user(USER)
 
 
 # --- helpers ------------------------------------------------------------------------

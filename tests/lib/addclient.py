@@ -8,7 +8,7 @@ collected in ``self.written``.
 
 from __future__ import annotations
 
-from lib.wclient import ERROR, LAST, NEXT, RESULT, START, STOP, DaemonError, WClient
+from lib.wclient import WClient
 
 READ, WRITE = 0x64617461, 0x64617416
 EXPORT_MAGIC = 0x4558494E
@@ -31,35 +31,20 @@ class AddClient(WClient):
         self.written = bytearray()
         super().__init__(*args, **kwargs)
 
-    def wait_last(self) -> None:
-        while True:
-            tag = self.r_u64()
-            if tag == LAST:
-                return
-            if tag == NEXT:
-                self.logs.append(self.r_str())
-            elif tag == ERROR:
-                raise DaemonError(self._read_error())
-            elif tag == READ:
-                n = self.r_u64()
-                self.pulled_requests.append(n)
-                data, self.pull = self.pull[:n], self.pull[n:]
-                self.send(self.s(data))
-            elif tag == WRITE:
-                n = self.r_u64()
-                self.written += self.read(n)
-                self.read(-n % 8)
-            elif tag == START:
-                self.r_u64(), self.r_u64(), self.r_u64(), self.r_str()
-                self._read_fields()
-                self.r_u64()
-            elif tag == STOP:
-                self.r_u64()
-            elif tag == RESULT:
-                self.r_u64(), self.r_u64()
-                self._read_fields()
-            else:
-                raise AssertionError(f"unknown log tag {tag:#x}")
+    def _other_tag(self, tag: int) -> bool:
+        """The upload tags: answer a pull (READ), collect a push (WRITE)."""
+        if tag == READ:
+            n = self.r_u64()
+            self.pulled_requests.append(n)
+            data, self.pull = self.pull[:n], self.pull[n:]
+            self.send(self.s(data))
+        elif tag == WRITE:
+            n = self.r_u64()
+            self.written += self.read(n)
+            self.read(-n % 8)
+        else:
+            return False
+        return True
 
     # --- framing -------------------------------------------------------------------
 

@@ -6,23 +6,11 @@ comparison of two ``run_both`` results.
 from __future__ import annotations
 
 import os
-import pwd
 import re
-import subprocess
 
 _PROC = re.compile(r"/proc/\d+/")
 _TEMP = re.compile(r"\{temp:\d+\}")
 _TRASH = re.compile(r"\.(nixwarden-)?trash-?[0-9a-f-]*")
-
-
-def ensure_user(name: str):
-    """A system account for client-side tests (created if missing)."""
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
-                        "/nonexistent", "--user-group", name], check=True)
-        return pwd.getpwnam(name)
 
 
 def norm(value):
