@@ -20,6 +20,7 @@ import selectors
 import signal
 import socket
 
+from nixwarden.shared.rpc.channel import open_pipes
 from nixwarden.shared.rpc.handover import Assignment
 from nixwarden.shared.version import NIX_COMPAT_VERSION
 from nixwarden.supervisor import listener, spawner, trust
@@ -53,27 +54,27 @@ class Daemon:
     def _start_connection(self, ident: trust.Identity, client_in: int, client_out: int):
         """Give the connection a session and a worker; None if that failed
         (the client then sees its connection closed; the daemon carries on)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        session_ends, worker_ends = open_pipes()
         try:
-            session = self._assign_session(ident, ours.fileno())
+            session = self._assign_session(ident, session_ends)
             if session is None:
                 return None
             try:
                 self.zygote.handover(self._assignment(ident),
-                                     [client_in, client_out, theirs.fileno()])
+                                     [client_in, client_out, *worker_ends])
             except OSError as exc:
                 log.error("cannot hand the connection to a worker: %s", exc)
             return session
         finally:
-            ours.close()
-            theirs.close()
+            for fd in (*session_ends, *worker_ends):
+                os.close(fd)
 
-    def _assign_session(self, ident: trust.Identity, rpc_fd: int):
+    def _assign_session(self, ident: trust.Identity, rpc_fds: tuple[int, int]):
         """A pooled session that took the assignment (a dead one is replaced)."""
         for _ in range(3):
             session = self.pool.take()
             try:
-                session.assign(ident, rpc_fd)
+                session.assign(ident, rpc_fds)
                 return session
             except OSError as exc:
                 log.warning("session %d could not take a connection: %s", session.proc.pid, exc)

@@ -90,23 +90,25 @@ class SessionHandle:
         self.proc = proc
         self.ctl = ctl
 
-    def assign(self, identity: Identity, rpc_fd: int) -> None:
+    def assign(self, identity: Identity, rpc_fds: tuple[int, int]) -> None:
+        """Give the session its connection: the identity and the session's
+        (read, write) ends of the RPC channel."""
         payload = ASSIGN_TAG + msgspec.msgpack.encode(identity)
-        socket.send_fds(self.ctl, [payload], [rpc_fd])
+        socket.send_fds(self.ctl, [payload], list(rpc_fds))
         self.ctl.close()
 
 
-def receive_assignment(ctl: socket.socket) -> tuple[Identity, int] | None:
+def receive_assignment(ctl: socket.socket) -> tuple[Identity, tuple[int, int]] | None:
     """In a pooled session: wait for the supervisor's assignment."""
-    msg, fds, flags, _ = socket.recv_fds(ctl, 4096, 2)
+    msg, fds, flags, _ = socket.recv_fds(ctl, 4096, 3)
     if not msg:
         for fd in fds:
             os.close(fd)
         return None
-    if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) != 1 \
+    if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) != 2 \
             or not msg.startswith(ASSIGN_TAG):
         raise SystemExit("bad session assignment")
-    return msgspec.msgpack.decode(msg[len(ASSIGN_TAG):], type=Identity), fds[0]
+    return msgspec.msgpack.decode(msg[len(ASSIGN_TAG):], type=Identity), (fds[0], fds[1])
 
 
 class SessionPool:

@@ -51,10 +51,10 @@ def worker_main(sock: socket.socket) -> int:
         return EXIT_BAD_HANDOVER
     if got is None:
         return 0
-    assignment, (client_in, client_out, rpc_fd) = got
+    assignment, (client_in, client_out, rpc_in, rpc_out) = got
     sock.close()
     setproctitle(f"nixwarden worker uid={assignment.client_uid}")
-    rpc = Channel(socket.socket(fileno=rpc_fd))
+    rpc = Channel(rpc_in, rpc_out)
     return serve_client(assignment, client_in, client_out, rpc)
 
 

@@ -1,9 +1,10 @@
 """The handover of one client connection from the supervisor to a worker.
 
-One SEQPACKET message carries an ``Assignment`` and exactly three
+One SEQPACKET message carries an ``Assignment`` and exactly four
 descriptors, in order: the client's read end, the client's write end (the
-same socket twice in socket mode; stdin and stdout with ``--stdio``) and
-the worker's end of its RPC channel to the session.  Only the supervisor
+same socket twice in socket mode; stdin and stdout with ``--stdio``), and
+the worker's read and write ends of its RPC channel to the session (two
+pipes, ``channel.open_pipes``).  Only the supervisor
 sends descriptors, and only this message; receivers check the tag, the
 count and truncation and fail closed (STYLE.md 1.6).
 """
@@ -16,7 +17,7 @@ import socket
 import msgspec
 
 HANDOVER_TAG = b"NWHO1"
-HANDOVER_FDS = 3
+HANDOVER_FDS = 4
 MAX_ASSIGNMENT = 4096
 
 

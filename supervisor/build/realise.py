@@ -16,7 +16,6 @@ derivation whose declared outputs differ never became valid.
 from __future__ import annotations
 
 import selectors
-import socket
 import time
 
 from nixwarden.shared.derivation import OutputKind, parse_derivation, print_derivation
@@ -221,7 +220,7 @@ class Realiser:
         running: dict[int, BuildJob] = {}
         waiting_until = 0.0
         sel = selectors.DefaultSelector()
-        sel.register(self.session.channel.sock, selectors.EVENT_READ, None)
+        sel.register(self.session.channel, selectors.EVENT_READ, None)
         try:
             while pending or running:
                 pending = self._start_ready(pending, running, sel)
@@ -438,7 +437,7 @@ class Realiser:
         for key, _ in sel.select(timeout):
             job = key.data
             if job is None:
-                if not self.session.channel.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                if self.session.channel.peer_closed():
                     raise ClientGone()
                 continue
             if not job.on_readable():

@@ -118,14 +118,14 @@ def session_main(ctl: socket.socket, layout, settings) -> None:
         if db is not None:
             db.close()
         db = StoreDB.open(layout, ensure_layout=True)
-    identity, rpc_fd = got
+    identity, rpc_fds = got
     _multi_user_store_dir(layout, settings)
     spawner.title(f"session uid={identity.uid}")
     roots = TempRoots(layout)
     session = Session(identity, settings, layout, db, roots)
     session.writer = StoreWriter(layout, db, roots, settings)
     try:
-        code = loop.serve(session, Channel(socket.socket(fileno=rpc_fd)))
+        code = loop.serve(session, Channel(*rpc_fds))
     finally:
         session.reset_substituters()
         session.writer.close()

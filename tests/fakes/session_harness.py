@@ -3,17 +3,18 @@ that act as the worker (tests/security/test_hostile_worker.py).
 
 Run as a program by the test (``python session_harness.py --rpc-fd N ...``)
 with the store's environment (NIX_STORE_DIR, NIX_STATE_DIR, ...) and the
-session's end of an RPC socketpair on descriptor N.  It does what
+session's ends of the RPC pipes (``channel.open_pipes``) on the descriptors
+``--rpc-in`` and ``--rpc-out``.  It does what
 ``supervisor.daemon`` does for one connection: settings from the command
 line layer (``cli.parse_daemon_args``), locations, the store layout, a
 ``SessionPool`` fork running ``session_main``, and ``SessionHandle.assign``
-with an ``Identity`` and the RPC descriptor.  It prints ``session <pid>``
+with an ``Identity`` and the RPC descriptors.  It prints ``session <pid>``
 once the session is assigned, waits for it, prints ``exit <code>`` and
 exits.  The session's log lines go to this program's stderr, as in the
 daemon.
 
-The test holds the other end of the socketpair and plays a (hostile)
-worker on it.
+The test holds the worker's ends of the pipes and plays a (hostile)
+worker on them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rpc-fd", type=int, required=True)
+    parser.add_argument("--rpc-in", type=int, required=True)
+    parser.add_argument("--rpc-out", type=int, required=True)
     parser.add_argument("--uid", type=int, default=1000)
     parser.add_argument("--user", default="nwtest-a")
     parser.add_argument("--trusted", type=int, default=0)
@@ -53,8 +55,9 @@ def main(argv=None) -> int:
     handle = pool.take()
     ident = Identity(pid=os.getpid(), uid=args.uid, gid=args.uid, user=args.user,
                      trusted=bool(args.trusted))
-    handle.assign(ident, args.rpc_fd)
-    os.close(args.rpc_fd)
+    handle.assign(ident, (args.rpc_in, args.rpc_out))
+    os.close(args.rpc_in)
+    os.close(args.rpc_out)
     print(f"session {handle.proc.pid}", flush=True)
     handle.proc.join()
     print(f"exit {handle.proc.exitcode}", flush=True)

@@ -101,16 +101,20 @@ def test_worker_holds_only_its_descriptors(held, nixenv):
     fds = _fds(worker)
     assert not any("db.sqlite" in t or t.endswith("/big-lock") for t in fds.values()), fds
     # stdin and stdout on /dev/null, stderr (the daemon's log), the client
-    # socket twice (read and write ends), and the RPC channel: nothing else.
+    # socket twice (read and write ends), and the RPC channel's two pipes:
+    # nothing else.
     assert fds.get(0) == fds.get(1) == "/dev/null" and 2 in fds, fds
-    sockets = {fd: t for fd, t in fds.items() if t.startswith("socket:")}
-    assert len(sockets) == 3 and len(fds) == 6, fds
-    assert len(set(sockets.values())) == 2, "client socket twice, RPC channel once"
-    session_sockets = {t for t in _fds(session).values() if t.startswith("socket:")}
-    rpc = [t for t in sockets.values() if list(sockets.values()).count(t) == 1]
-    assert len(rpc) == 1 and len(session_sockets) == 1
-    # The two RPC ends are a socketpair: distinct inodes, one each side.
-    assert rpc[0] not in session_sockets
+    rest = {fd: t for fd, t in fds.items() if fd > 2}
+    assert len(rest) == 4, fds
+    sockets = [t for t in rest.values() if t.startswith("socket:")]
+    assert len(sockets) == 2 and len(set(sockets)) == 1, "the client socket, twice"
+    pipes = {t for t in rest.values() if t.startswith("pipe:")}
+    assert len(pipes) == 2, "one pipe each way"
+    # The session holds the other ends of exactly those two pipes, and no
+    # socket of the worker's.
+    session_fds = set(_fds(session).values())
+    assert pipes <= session_fds
+    assert sockets[0] not in session_fds
 
 
 @needs_nix
