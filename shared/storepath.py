@@ -9,8 +9,9 @@ every process.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nixwarden.shared import base32
 from nixwarden.shared.hashes import Hash, HashAlgo, compress_hash
@@ -24,6 +25,12 @@ MAX_NAME_LEN = 211
 _NAME_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-._?=")
 _HASH_CHARS = frozenset(base32.ALPHABET)
+
+#: ``<hash>-<name>`` as it almost always arrives: every character legal and
+#: nothing for canonicalisation to do.  Only the ``.``/``..`` name rules
+#: are left to check after a match.
+_PLAIN_BASE = (f"([{re.escape(base32.ALPHABET)}]{{{HASH_PART_LEN}}})"
+               f"-([A-Za-z0-9+\\-._?=]{{1,{MAX_NAME_LEN}}})")
 
 
 class BadStorePath(ValueError):
@@ -101,6 +108,14 @@ class StorePath:
             raise BadStorePath(f"store path '{base}' lacks a '-' after the hash part")
         return cls(base[:HASH_PART_LEN], base[HASH_PART_LEN + 1:])
 
+    @classmethod
+    def _checked(cls, hash_part: str, name: str) -> StorePath:
+        """Build from parts that a caller has already validated in full."""
+        sp = object.__new__(cls)
+        object.__setattr__(sp, "hash_part", hash_part)
+        object.__setattr__(sp, "name", name)
+        return sp
+
     def full(self, store_dir: str) -> str:
         """The full path under ``store_dir``."""
         return f"{store_dir.rstrip('/')}/{self.base}"
@@ -142,12 +157,14 @@ class StoreDir:
     """
 
     path: str = "/nix/store"
+    _plain: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         canon = _canon(self.path) if self.path.startswith("/") else ""
         if canon in ("", "/") or canon != self.path.rstrip("/"):
             raise ValueError(f"store directory '{self.path}' is not a canonical absolute path")
         object.__setattr__(self, "path", canon)
+        object.__setattr__(self, "_plain", re.compile(re.escape(canon) + "/" + _PLAIN_BASE))
 
     def __str__(self) -> str:
         return self.path
@@ -171,6 +188,11 @@ class StoreDir:
         Raises:
             BadStorePath: outside the store, a sub-path, or an invalid base.
         """
+        plain = self._plain.fullmatch(full_path)
+        if plain is not None:
+            hash_part, name = plain.groups()
+            if name[0] != "." or not (name in (".", "..") or name.startswith((".-", "..-"))):
+                return StorePath._checked(hash_part, name)
         canon = _canon(full_path)
         directory, _, base = canon.rpartition("/")
         if directory != self.path:

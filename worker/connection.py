@@ -24,7 +24,8 @@ class ClientConnection:
     def __init__(self, read_fd: int, write_fd: int):
         self.read_fd = read_fd
         self.write_fd = write_fd
-        self._in = bytearray()
+        self._in = b""  # received bytes; those before _pos are consumed
+        self._pos = 0
         self._out = bytearray()
 
     def read(self, reader: Generator[int, bytes, object], *, at_boundary=False):
@@ -38,26 +39,34 @@ class ClientConnection:
         try:
             want = next(reader)
             while True:
-                if len(self._in) < want:
+                end = self._pos + want
+                if len(self._in) < end:
                     self._fill(want, at_boundary)
+                    end = want
                 at_boundary = False
-                chunk = bytes(self._in[:want])
-                del self._in[:want]
+                chunk = self._in[self._pos:end]
+                self._pos = end
                 want = reader.send(chunk)
         except StopIteration as done:
             return done.value
 
     def _fill(self, want: int, at_boundary: bool) -> None:
-        while len(self._in) < want:
+        """Read until ``want`` unconsumed bytes are buffered (from ``_pos`` 0)."""
+        have = len(self._in) - self._pos
+        parts = [self._in[self._pos:]] if have else []
+        while have < want:
             try:
                 data = os.read(self.read_fd, limits.RECV_CHUNK)
             except ConnectionResetError:
                 data = b""
             if not data:
-                if at_boundary and not self._in:
+                if at_boundary and not have:
                     raise ClientGone()
                 raise ClientProtocolError("unexpected end-of-file")
-            self._in += data
+            parts.append(data)
+            have += len(data)
+        self._in = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._pos = 0
 
     def read_some(self, max_n: int) -> bytes:
         """Return between 1 and ``max_n`` bytes (buffered first).
@@ -65,10 +74,10 @@ class ClientConnection:
         Raises:
             ClientProtocolError: end of input.
         """
-        if not self._in:
+        if self._pos == len(self._in):
             self._fill(1, False)
-        data = bytes(self._in[:max_n])
-        del self._in[:max_n]
+        data = self._in[self._pos:self._pos + max_n]
+        self._pos += len(data)
         return data
 
     def read_pieces(self, n: int, piece: int = limits.RECV_CHUNK):

@@ -121,7 +121,7 @@ def serve(conn: ClientConnection, store, info: ServerInfo, *,
 
 def _serve_op(ctx: OpContext, code: int) -> bool:
     """Read and run one op; False when the connection must close."""
-    handler = OPS.get(Op(code)) if code in Op._value2member_map_ else None
+    handler = OPS.get(code)
     if handler is None:
         name = Op(code).name if code in Op._value2member_map_ else None
         text = (f"operation '{name}' is not supported by nixwarden yet" if name

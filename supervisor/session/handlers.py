@@ -11,17 +11,21 @@ their fields are claims, checked here before any store access.
 
 from __future__ import annotations
 
+import re
+
 from nixwarden.shared.errors import StoreRefusal, WorkerViolation
 from nixwarden.shared.rpc import schema
 from nixwarden.shared.storepath import StorePath
 
 
+_SHA256_HEX = re.compile("sha256:([0-9a-fA-F]{64})")
+
+
 def _hex_hash(db_hash: str) -> str:
     """The DB's ``sha256:<hex>`` (or any prefixed form) as bare hex."""
-    if len(db_hash) == 71 and db_hash.startswith("sha256:"):  # what Nix writes
-        hex_part = db_hash[7:].lower()
-        if all(c in "0123456789abcdef" for c in hex_part):
-            return hex_part
+    plain = _SHA256_HEX.fullmatch(db_hash)  # what Nix writes
+    if plain is not None:
+        return plain.group(1).lower()
     from nixwarden.shared.hashes import Hash
     return Hash.parse(db_hash).to_base16()
 
@@ -34,8 +38,13 @@ def _path_info_msg(info) -> schema.PathInfo:
         ca=info.ca)
 
 
+def _path(session, text: str) -> str:
+    """A store path the worker sent, checked and in canonical form."""
+    return session.full(session.store_path(text))
+
+
 def _paths(session, texts) -> list[str]:
-    return [session.full(session.store_path(t)) for t in texts]
+    return [_path(session, t) for t in texts]
 
 
 RESTRICTED_SETTING = "ignoring the client-specified setting"
@@ -62,7 +71,7 @@ def on_set_options(session, req: schema.SetOptions):
 
 
 def on_is_valid_path(session, req: schema.IsValidPath):
-    return schema.Bool(session.db.is_valid(_paths(session, [req.path])[0]))
+    return schema.Bool(session.db.is_valid(_path(session, req.path)))
 
 
 def on_query_valid_paths(session, req: schema.QueryValidPaths):
@@ -78,12 +87,12 @@ def on_query_valid_paths(session, req: schema.QueryValidPaths):
 
 
 def on_query_path_info(session, req: schema.QueryPathInfo):
-    info = session.db.query_path_info(_paths(session, [req.path])[0])
+    info = session.db.query_path_info(_path(session, req.path))
     return schema.MaybePathInfo(None if info is None else _path_info_msg(info))
 
 
 def on_query_referrers(session, req: schema.QueryReferrers):
-    return schema.Paths(session.db.query_referrers(_paths(session, [req.path])[0]))
+    return schema.Paths(session.db.query_referrers(_path(session, req.path)))
 
 
 def on_query_path_from_hash_part(session, req: schema.QueryPathFromHashPart):
@@ -102,14 +111,14 @@ def on_query_all_valid_paths(session, req: schema.QueryAllValidPaths):
 
 
 def on_query_deriver(session, req: schema.QueryDeriver):
-    path = _paths(session, [req.path])[0]
+    path = _path(session, req.path)
     if not session.db.is_valid(path):
         raise StoreRefusal(f"path '{path}' is not valid")
     return schema.OptPath(session.db.query_deriver(path))
 
 
 def on_query_valid_derivers(session, req: schema.QueryValidDerivers):
-    return schema.Paths(session.db.query_valid_derivers(_paths(session, [req.path])[0]))
+    return schema.Paths(session.db.query_valid_derivers(_path(session, req.path)))
 
 
 def on_query_derivation_output_map(session, req: schema.QueryDerivationOutputMap):
@@ -155,7 +164,7 @@ def on_query_missing(session, req: schema.QueryMissing):
 
 
 def on_add_temp_root(session, req: schema.AddTempRoot):
-    session.temp_roots.add(_paths(session, [req.path])[0])
+    session.temp_roots.add(_path(session, req.path))
     return schema.Ok()
 
 
@@ -177,7 +186,7 @@ def on_query_realisation(session, req: schema.QueryRealisation):
 
 
 def on_register_drv_output(session, req: schema.RegisterDrvOutput):
-    path = _paths(session, [req.out_path])[0]
+    path = _path(session, req.out_path)
     if not session.settings.feature_enabled("ca-derivations"):
         raise StoreRefusal("experimental Nix feature 'ca-derivations' is disabled; use "
                            "'--extra-experimental-features ca-derivations' to override")
@@ -190,7 +199,7 @@ def on_register_drv_output(session, req: schema.RegisterDrvOutput):
 
 
 def on_check_nar_readable(session, req: schema.CheckNarReadable):
-    path = _paths(session, [req.path])[0]
+    path = _path(session, req.path)
     if not session.db.is_valid(path):
         raise StoreRefusal(f"path '{path}' is not valid")
     session.temp_roots.add(path)
@@ -203,8 +212,8 @@ def _nar_claim(session, req):
     from nixwarden.shared.hashes import Hash, HashAlgo
     from nixwarden.shared.storepath import ContentAddress
     from nixwarden.supervisor.store.adding import NarClaim
-    path = _paths(session, [req.path])[0]
-    deriver = _paths(session, [req.deriver])[0] if req.deriver else None
+    path = _path(session, req.path)
+    deriver = _path(session, req.deriver) if req.deriver else None
     try:
         nar_hash = Hash.parse(req.nar_hash, HashAlgo.SHA256)
         ca = ContentAddress.parse(req.ca) if req.ca else None
@@ -246,7 +255,7 @@ def on_add_to_store(session, req: schema.AddToStore):
 
 
 def on_add_signatures(session, req: schema.AddSignatures):
-    path = _paths(session, [req.path])[0]
+    path = _path(session, req.path)
     if not session.db.is_valid(path):
         raise StoreRefusal(f"path '{path}' is not valid")
     session.db.add_signatures(path, req.sigs)
@@ -263,10 +272,12 @@ def on_import_path(session, req: schema.ImportPath):
 
     def read_claim(nar_hash, nar_size):
         meta = codec.decode_request(session.channel.recv_frame())
+        if isinstance(meta, schema.ImportAbandoned):
+            raise StoreRefusal("the client's export record was refused after its NAR")
         if not isinstance(meta, schema.ImportPathMeta):
             raise WorkerViolation(f"{type(meta).__name__} where ImportPathMeta belongs")
-        path = _paths(session, [meta.path])[0]
-        deriver = _paths(session, [meta.deriver])[0] if meta.deriver else None
+        path = _path(session, meta.path)
+        deriver = _path(session, meta.deriver) if meta.deriver else None
         refs = tuple(sorted(set(_paths(session, meta.references))))
         return NarClaim(path, deriver, nar_hash, refs, 0, nar_size, False, (), None)
 
@@ -328,7 +339,7 @@ def on_build_paths(session, req: schema.BuildPaths):
 
 
 def on_ensure_path(session, req: schema.EnsurePath):
-    path = _paths(session, [req.path])[0]
+    path = _path(session, req.path)
     if not session.db.is_valid(path):
         error = session.substitute([path]).get(path) if session.can_substitute() else None
         if error is not None or not session.db.is_valid(path):
@@ -373,7 +384,7 @@ def on_collect_garbage(session, req: schema.CollectGarbage):
 
 def on_add_perm_root(session, req: schema.AddPermRoot):
     from nixwarden.supervisor.store import roots
-    path = _paths(session, [req.path])[0]
+    path = _path(session, req.path)
     link = roots.check_link_path(req.link)
     if session.store_dir.is_in_store(link):
         raise StoreRefusal(f"creating a garbage collector root ({link}) in the Nix store "

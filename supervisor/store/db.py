@@ -101,8 +101,13 @@ _SET_HASH = "update ValidPaths set hash = ? where path = ?;"
 _SET_NAR_SIZE = "update ValidPaths set narSize = ? where path = ?;"
 _ADD_REF = "insert or replace into Refs (referrer, reference) values (?, ?);"
 _ADD_DRV_OUTPUT = "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?);"
-_QUERY_INFO = ("select id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca"
-               " from ValidPaths where path = ?;")
+# The row and its references in one statement, so one read transaction (a
+# statement's own transaction costs SQLite several lock calls in WAL mode).
+# Store paths hold no spaces, so the references can travel space-joined.
+_QUERY_INFO = ("select v.hash, v.registrationTime, v.deriver, v.narSize, v.ultimate, v.sigs,"
+               " v.ca, (select group_concat(r.path, ' ') from Refs join ValidPaths r"
+               " on reference = r.id where referrer = v.id)"
+               " from ValidPaths v where v.path = ?;")
 _QUERY_REFERENCES = "select path from Refs join ValidPaths on reference = id where referrer = ?;"
 _QUERY_REFERRERS = ("select path from Refs join ValidPaths on referrer = id"
                     " where reference = (select id from ValidPaths where path = ?);")
@@ -246,6 +251,11 @@ class StoreDB:
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._mutex:
+            try:
+                return self.conn.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e):
+                    raise
             return _retry_busy(lambda: self.conn.execute(sql, args).fetchall())
 
     # -- queries ----------------------------------------------------------------
@@ -272,17 +282,15 @@ class StoreDB:
 
     def query_path_info(self, path: str) -> PathInfo | None:
         """The path's info, or None if it is not valid (spec §4.5)."""
-        with self._mutex:
-            rows = self._read(_QUERY_INFO, (path,))
-            if not rows:
-                return None
-            row_id, nar_hash, reg_time, deriver, nar_size, ultimate, sigs, ca = rows[0]
-            refs = self._read(_QUERY_REFERENCES, (row_id,))
+        rows = self._read(_QUERY_INFO, (path,))
+        if not rows:
+            return None
+        nar_hash, reg_time, deriver, nar_size, ultimate, sigs, ca, refs = rows[0]
         return PathInfo(
             path=path,
             deriver=deriver or None,
             nar_hash=nar_hash,
-            references=tuple(sorted(r[0] for r in refs)),
+            references=tuple(sorted(refs.split(" "))) if refs else (),
             registration_time=reg_time or 0,
             nar_size=nar_size or 0,
             ultimate=ultimate == 1,

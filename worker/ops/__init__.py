@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Generator
 
+from nixwarden.shared import limits
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.storepath import BadStorePath, StoreDir
 from nixwarden.shared.wire import primitives as w
@@ -22,13 +23,13 @@ from nixwarden.shared.wire.ops import Op, ProtocolVersion
 Run = Callable[[], "bytes | None"]
 Handler = Callable[["OpContext"], Generator[int, bytes, Run]]
 
-OPS: dict[Op, Handler] = {}
+OPS: dict[int, Handler] = {}  # keyed by the op's number, as it arrives
 
 
 def op(code: Op):
     """Register ``fn`` as the handler of ``code``."""
     def register(fn: Handler) -> Handler:
-        OPS[code] = fn
+        OPS[int(code)] = fn
         return fn
     return register
 
@@ -62,12 +63,10 @@ class OpContext:
 
 def read_path() -> Generator[int, bytes, str]:
     """Read a store path string (checked later, once the request is whole)."""
-    from nixwarden.shared import limits
     return (yield from w.string(limits.MAX_STORE_PATH))
 
 
 def read_paths() -> Generator[int, bytes, list[str]]:
-    from nixwarden.shared import limits
     return (yield from w.strings(max_len=limits.MAX_STORE_PATH))
 
 
