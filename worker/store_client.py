@@ -138,7 +138,17 @@ class StoreClient:
             for start in range(0, len(data), step):
                 self.channel.send(schema.Chunk(data[start:start + step]))
         self.channel.send(schema.End())
-        request = meta()
+        try:
+            request = meta()
+        except StoreRefusal:
+            # The session holds the NAR waiting for its metadata: have it
+            # discard the NAR (its Failure answer is expected), then report
+            # our own reason to the client.
+            try:
+                self._call(schema.ImportAbandoned(), schema.Ok)
+            except StoreRefusal:
+                pass
+            raise
         self._call(request, schema.Ok)
         return request.path
 

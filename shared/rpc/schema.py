@@ -169,6 +169,12 @@ class ImportPathMeta(_Msg, tag=46):
     deriver: str | None
 
 
+class ImportAbandoned(_Msg, tag=74):
+    """In place of ``ImportPathMeta``: the client's record was refused after
+    its NAR (a wrong export magic); the session discards the received NAR
+    and answers ``Failure``.  Anywhere else it is a violation."""
+
+
 class BuildPaths(_Msg, tag=48):
     """Build or ensure derived paths (">= 1.30" syntax); mode 0 normal, 1 repair, 2 check."""
     targets: list[str]
@@ -253,7 +259,7 @@ Request = Union[
     CheckNarReadable, AddToStoreNar, AddToStore, Chunk, End, AddSignatures,
     ImportPath, ImportPathMeta, BuildPaths, EnsurePath, BuildDerivation,
     AddIndirectRoot, FindRoots, CollectGarbage, AddPermRoot, OptimiseStore,
-    VerifyStore, AddBuildLog, RegisterDrvOutput, Goodbye,
+    VerifyStore, AddBuildLog, RegisterDrvOutput, Goodbye, ImportAbandoned,
 ]
 
 

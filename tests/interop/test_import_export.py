@@ -175,13 +175,7 @@ STEPS = {
     "dump": dumps,
 }
 
-XFAIL: dict[str, str] = {
-    "wc-import-bad-magic": "ImportPaths record with a wrong export magic: the worker raises "
-                           "ClientProtocolError (not in sync) and closes the connection; "
-                           "nix-daemon 2.8 answers 'Nix archive cannot be imported; wrong "
-                           "format' and the connection goes on (data is pulled, so it is "
-                           "in sync; the session is still waiting for ImportPathMeta)",
-}
+XFAIL: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

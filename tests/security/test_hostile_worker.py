@@ -16,9 +16,11 @@ the zygote is replaced by a fresh process while the daemon keeps serving.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
+import select
 import shutil
 import signal
 import socket
@@ -35,7 +37,7 @@ from lib.wclient import WClient
 
 from nixwarden.shared import limits
 from nixwarden.shared.rpc import codec, schema
-from nixwarden.shared.rpc.channel import Channel
+from nixwarden.shared.rpc.channel import Channel, open_pipes
 from lib.procs import children as _children, title as _title
 
 pytestmark = [needs_root, needs_nix, pytest.mark.root]
@@ -59,23 +61,22 @@ class FakeWorker:
     """One real session process and the worker end of its RPC channel."""
 
     def __init__(self, env, uid: int = 1000, trusted: bool = False):
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock = ours
-        self.sock.settimeout(30)
+        (s_in, s_out), (self.rpc_in, self.rpc_out) = open_pipes()
         self.stderr_path = os.path.join(env.root, f"session-{time.time_ns()}.err")
         self._err = open(self.stderr_path, "wb")
         penv = dict(env.env)
         penv.pop("NIX_REMOTE", None)
         self.proc = subprocess.Popen(
-            [sys.executable, HARNESS, "--rpc-fd", str(theirs.fileno()),
+            [sys.executable, HARNESS, "--rpc-in", str(s_in), "--rpc-out", str(s_out),
              "--uid", str(uid), "--trusted", str(int(trusted))],
-            pass_fds=[theirs.fileno()], env=penv, stdout=subprocess.PIPE,
+            pass_fds=[s_in, s_out], env=penv, stdout=subprocess.PIPE,
             stderr=self._err, stdin=subprocess.DEVNULL)
-        theirs.close()
+        os.close(s_in)
+        os.close(s_out)
         line = self.proc.stdout.readline().decode()
         assert line.startswith("session "), (line, self.stderr())
         self.session_pid = int(line.split()[1])
-        self.channel = Channel(self.sock)
+        self.channel = Channel(self.rpc_in, self.rpc_out)
         self.logs: list[str] = []
 
     def request(self, message):
@@ -89,7 +90,13 @@ class FakeWorker:
             self.logs.append(reply.text)
 
     def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        self.channel.send_frame(data)
+
+    def end_requests(self) -> None:
+        """Close the request pipe, as a worker does when its client leaves."""
+        if self.rpc_out >= 0:
+            os.close(self.rpc_out)
+            self.rpc_out = -1
 
     def frame(self, payload: bytes) -> None:
         self.send_raw(codec.HEADER.pack(len(payload)) + payload)
@@ -107,11 +114,8 @@ class FakeWorker:
 
     def channel_closed(self) -> bool:
         """After the session's end the worker sees EOF on its channel."""
-        self.sock.settimeout(10)
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
+        readable, _, _ = select.select([self.rpc_in], [], [], 10)
+        return bool(readable) and os.read(self.rpc_in, 1) == b""
 
     def stderr(self) -> str:
         self._err.flush()
@@ -119,7 +123,8 @@ class FakeWorker:
             return f.read().decode(errors="replace")
 
     def close(self) -> None:
-        self.sock.close()
+        self.end_requests()
+        os.close(self.rpc_in)
         try:
             self.proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:
@@ -182,7 +187,7 @@ def test_harness_serves_valid_requests(store, workers):
     assert w.request(schema.IsValidPath(store.path)) == schema.Bool(True)
     reply = w.request(schema.QueryPathInfo(store.path))
     assert reply.info.path == store.path
-    w.sock.shutdown(socket.SHUT_WR)
+    w.end_requests()
     assert w.session_exit() == 0
 
 
@@ -196,9 +201,9 @@ def _violations(store, tmp_marker):
         "oversized-header": lambda w: w.send_raw(codec.HEADER.pack(limits.RPC_FRAME_MAX + 1)),
         "max-header": lambda w: w.send_raw(codec.HEADER.pack(0xFFFFFFFF)),
         "truncated-then-eof": lambda w: (w.send_raw(codec.HEADER.pack(100) + b"\x92\x04"),
-                                         w.sock.shutdown(socket.SHUT_WR)),
+                                         w.end_requests()),
         "header-only-then-eof": lambda w: (w.send_raw(b"\x05\x00"),
-                                           w.sock.shutdown(socket.SHUT_WR)),
+                                           w.end_requests()),
         "unknown-type-id": lambda w: w.frame(enc([98, store.path])),
         "reply-type-as-request": lambda w: w.frame(enc([1])),
         "missing-field": lambda w: w.frame(enc([4])),
@@ -214,6 +219,7 @@ def _violations(store, tmp_marker):
         "path-in-list": lambda w: w.channel.send(
             schema.QueryValidPaths([store.path, "/etc/shadow"], False)),
         "temp-root-outside-store": lambda w: w.channel.send(schema.AddTempRoot("/etc")),
+        "abandon-outside-import": lambda w: w.channel.send(schema.ImportAbandoned()),
     }
 
 
@@ -223,7 +229,7 @@ VIOLATION_CASES = [
     "missing-field", "extra-field", "wrong-type", "map-not-array",
     "trailing-bytes", "empty-frame", "path-outside-store", "path-dotdot",
     "path-other-store-dir", "path-in-list",
-    "temp-root-outside-store",
+    "temp-root-outside-store", "abandon-outside-import",
 ]
 
 
@@ -279,28 +285,35 @@ def test_dotdot_path_is_canonicalised_never_followed(store, workers):
     assert reply.info is not None and reply.info.path == store.path
     reply = w.request(schema.QueryValidPaths([f"{store.store_dir}/./{base}"], False))
     assert reply == schema.Paths([store.path])
-    w.sock.shutdown(socket.SHUT_WR)
+    w.end_requests()
     assert w.session_exit() == 0
 
 
-def test_ancillary_fds_are_never_received(store, workers, tmp_path):
-    """SCM_RIGHTS on the RPC channel: the session never takes the descriptor."""
+def test_rpc_channel_cannot_carry_descriptors(store, workers, tmp_path):
+    """The RPC channel is two pipes: SCM_RIGHTS cannot be sent on it at all,
+    and the session holds no socket a worker could reach."""
     secret = tmp_path / "passed-fd-target"
     secret.write_text("x")
     w = workers()
+    assert w.request(schema.IsValidPath(store.path)) == schema.Bool(True)
     fd = os.open(secret, os.O_RDONLY)
+    carrier = os.dup(w.rpc_out)
     try:
-        payload = codec.encode(schema.IsValidPath(store.path))
-        socket.send_fds(w.sock, [payload], [fd, fd])
+        with pytest.raises(OSError) as refused:
+            socket.send_fds(socket.socket(fileno=carrier),
+                            [codec.encode(schema.IsValidPath(store.path))], [fd])
+        assert refused.value.errno == errno.ENOTSOCK
     finally:
         os.close(fd)
-    reply = codec.decode_reply(w.channel.recv_frame())
-    assert reply == schema.Bool(True)
+        os.close(carrier)
     targets = [os.readlink(f"/proc/{w.session_pid}/fd/{n}")
                for n in os.listdir(f"/proc/{w.session_pid}/fd")]
     assert str(secret) not in targets
+    assert not [t for t in targets if t.startswith("socket:")], targets
+    mine = {os.readlink(f"/proc/self/fd/{n}") for n in (w.rpc_in, w.rpc_out)}
+    assert mine <= set(targets), "the session holds the other ends of our pipes"
     assert w.request(schema.IsValidPath(store.path)) == schema.Bool(True)
-    w.sock.shutdown(socket.SHUT_WR)
+    w.end_requests()
     assert w.session_exit() == 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from nixwarden.shared import limits, nar
-from nixwarden.shared.errors import ClientProtocolError, StoreRefusal
+from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.hashes import Hash, HashAlgo, HashSink
 from nixwarden.shared.rpc import schema
 from nixwarden.shared.wire import primitives as w
@@ -55,7 +55,9 @@ def export_path(ctx):
 def _read_trailer():
     magic = yield from w.u64()
     if magic != EXPORT_MAGIC:
-        raise ClientProtocolError("Nix archive cannot be imported; wrong format")
+        # Everything was pulled (STDERR_READ), so the stream is still in
+        # sync: the op fails and the connection goes on, as with nix-daemon.
+        raise StoreRefusal("Nix archive cannot be imported; wrong format")
     path = yield from read_path()
     refs = yield from read_paths()
     deriver = yield from read_path()
