@@ -60,6 +60,7 @@ class Incoming:
             self.restorer = Restorer(store_fd, name)
             self.nar_sink = HashSink(HashAlgo.SHA256)
             self.flat_seen = False
+            self.root_is_directory = False
         else:
             self.file_fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=store_fd)
             self.size = 0
@@ -85,6 +86,8 @@ class Incoming:
         if self.ca_sink and self.ca.method != "nar":
             if isinstance(event, nar.Regular) and event.path == ():
                 self.flat_seen = True
+            elif isinstance(event, nar.Directory) and event.path == ():
+                self.root_is_directory = True
             elif isinstance(event, nar.Contents):
                 self.ca_sink.update(event.data)
         self.restorer.apply(event)
@@ -100,7 +103,11 @@ class Incoming:
             return self._finish_flat()
         self.parser.feed(b"")
         if self.ca_sink and self.ca.method in ("flat", "text") and not self.flat_seen:
-            raise NotRegularFile("flat content must be a single regular file")
+            # A directory: CppNix reads the restored path as a file and fails
+            # with read(2)'s error; a symlink, which it would follow, is
+            # refused with our own words.
+            raise NotRegularFile("reading from file: Is a directory" if self.root_is_directory
+                                 else "flat content must be a single regular file")
         nar_hash = self.nar_sink.finish()
         ca_hash = None
         if self.ca:

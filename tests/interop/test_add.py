@@ -362,11 +362,7 @@ STEPS = {
 }
 
 #: Steps whose nixwarden result is known to differ, with the reason.
-XFAIL: dict[str, str] = {
-    "add-fixed-flat-dir": "flat content address of a directory (AddToStoreNar with "
-                          "ca fixed:sha256): nixwarden says 'flat content must be a single "
-                          "regular file', nix-daemon 2.8 'reading from file: Is a directory'",
-}
+XFAIL: dict[str, str] = {}
 
 #: Steps where CppNix loses the connection's sync after the error (it does not
 #: drain what follows): only the error text is compared; nixwarden must also
