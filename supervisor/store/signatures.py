@@ -189,9 +189,13 @@ def sign(secret: SecretKey, fingerprint: str) -> str:
 def verify(fingerprint: str, sig_text: str, keys: Mapping[str, PublicKey]) -> bool:
     """True iff ``sig_text`` is a valid signature of ``fingerprint`` by a key in ``keys``.
 
-    An unknown key name, bad base64, a wrong signature length or a bad
-    signature all give False (Nix 2.8 throws "signature is not valid" for
-    a wrong length; refusing quietly is the same outcome for a path).
+    An unknown key name or a signature that does not verify gives False.
+
+    Raises:
+        StoreRefusal: a signature by a trusted key name that is not Base64
+            or not 64 bytes long.  As Nix 2.8's ``verifyDetached`` throws
+            there, this aborts what asked (a substitution, an addition)
+            instead of trying the next signature or cache.
     """
     name, b64 = _split(sig_text)
     key = keys.get(name)
@@ -199,10 +203,10 @@ def verify(fingerprint: str, sig_text: str, keys: Mapping[str, PublicKey]) -> bo
         return False
     try:
         sig = _b64decode(b64)
-    except _BadBase64:
-        return False
+    except _BadBase64 as e:
+        raise StoreRefusal(str(e)) from None
     if len(sig) != SIGNATURE_BYTES:
-        return False
+        raise StoreRefusal("signature is not valid")
     try:
         Ed25519PublicKey.from_public_bytes(key.key).verify(sig, fingerprint.encode())
     except (InvalidSignature, ValueError):
