@@ -36,6 +36,10 @@ import zstandard
 CHUNK = 256 * 1024
 #: Nix's FileTransferRequest::baseRetryTimeMs.
 BASE_RETRY_MS = 250
+#: How much of an HTTP error's response body is read to show it (Nix shows
+#: bodies under 1 KiB, or HTML ones).
+ERROR_BODY_MAX = 64 * 1024
+_HIGHLIGHT, _PLAIN = "\x1b[35;1m", "\x1b[0m"  # Nix's ANSI_WARNING, ANSI_NORMAL
 
 NOT_FOUND, FORBIDDEN, MISC, TRANSIENT = "not-found", "forbidden", "misc", "transient"
 
@@ -51,6 +55,16 @@ class TransferError(Exception):
 
 class DecompressionError(Exception):
     """The compressed stream is corrupt or truncated."""
+
+
+def with_response_body(message: str, body: bytes) -> str:
+    """An HTTP error's message as Nix 2.8's FileTransferError words it: a
+    short (or HTML) response body is shown after it, highlighted."""
+    text = body[:ERROR_BODY_MAX].decode("utf-8", "replace")
+    if text and (len(body) < 1024 or "<html>" in text):
+        shown = text.rstrip(" \n\r\t")
+        return f"{message}\n\nresponse body:\n\n{_HIGHLIGHT}{shown}{_PLAIN}"
+    return message
 
 
 def _classify(status: int) -> str:
@@ -153,11 +167,14 @@ class Downloader:
             raise TransferError(*_describe(e, url)) from None
         if resp.status not in (200, 206):
             reason = resp.reason or ""
+            try:
+                body = resp.read(ERROR_BODY_MAX + 1)
+            except urllib3.exceptions.HTTPError:
+                body = b""
             resp.drain_conn()
             resp.release_conn()
-            raise TransferError(_classify(resp.status),
-                                f"unable to download '{url}': HTTP error {resp.status} "
-                                f"('{reason}')")
+            raise TransferError(_classify(resp.status), with_response_body(
+                f"unable to download '{url}': HTTP error {resp.status} ('{reason}')", body))
         return resp
 
     def _retry(self, e: TransferError, attempt: int, written: int, resumable: bool) -> bool:

@@ -133,12 +133,7 @@ def _step_keys(steps, mode, res=None):
     return keys
 
 
-@pytest.mark.parametrize("mode", [m for m in FAULTS if m != "narinfo-500"] + [
-    pytest.param("narinfo-500", marks=pytest.mark.xfail(strict=True, reason=(
-        "transfer.py: an HTTP error's message lacks Nix 2.8's '\\n\\nresponse body:"
-        "\\n\\n<body>' suffix (FileTransferError adds it for bodies under 1024 bytes), "
-        "so the final error line of a narinfo answered with 500 differs"))),
-])
+@pytest.mark.parametrize("mode", list(FAULTS))
 def test_same_outcome_as_nix_daemon(results, mode):
     res, _, steps = results
     a, b = res["nix-daemon"], res["nixwarden"]
