@@ -44,7 +44,11 @@ class Daemon:
         self.stopping = False
 
     def _session_target(self, ctl):
-        session_main(ctl, self.layout, self.settings)
+        session_main(ctl, self.layout, self.settings, self._new_zygote)
+
+    def _new_zygote(self) -> spawner.ZygoteHandle:
+        """A zygote like the daemon's, for a build's recursive Nix connections."""
+        return spawner.ZygoteHandle(self.zygote.user, self.zygote.log_level)
 
     def _assignment(self, ident: trust.Identity) -> Assignment:
         return Assignment(ident.uid, ident.pid, ident.trusted, self.layout.store_dir,

@@ -23,7 +23,7 @@ from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.logtypes import ActivityType, ResultType, Verbosity
 from nixwarden.supervisor.build import ca
 from nixwarden.supervisor.build import goals as g
-from nixwarden.supervisor.build import spawn
+from nixwarden.supervisor.build import recursive, spawn
 from nixwarden.supervisor.build.buildlog import BuildLogWriter
 from nixwarden.supervisor.store.locks import PathLock
 from nixwarden.supervisor.store.restore import remove_entry
@@ -46,6 +46,8 @@ class BuildJob:
         self.last_output = 0.0
         self.timed_out = ""
         self.after_exit = None
+        self.recursive = None  # recursive.RecursiveDaemon of a recursive-nix build
+        self.added: set[str] = set()  # what recursive Nix calls added
 
     # --- starting ------------------------------------------------------------------
 
@@ -74,8 +76,16 @@ class BuildJob:
         for p in self.build_outputs.values():
             self.r.temp_roots.add(p)
             remove_entry(self.r.store_fd, os.path.basename(self.r.layout.real_path(p)))
+        wants_daemon = recursive.wanted(goal.drv)
+        if wants_daemon:
+            recursive.check_available(self.r)
         self.build_dir = _make_build_dir(goal.drv_path)
-        launch = self.r.prepare_launch(goal, self.build_dir, self.user, self.build_outputs)
+        extra_env = None
+        if wants_daemon:
+            self.recursive = self._recursive_daemon()
+            extra_env = self.recursive.env
+        launch = self.r.prepare_launch(goal, self.build_dir, self.user, self.build_outputs,
+                                       extra_env)
         self.log = BuildLogWriter(self.r.layout.log_dir, os.path.basename(goal.drv_path),
                                   self.r.compress_log) if self.r.keep_log else None
         verb = ("repairing outputs of" if goal.repair else
@@ -87,6 +97,23 @@ class BuildJob:
         self.last_output = time.monotonic()
         self.after_exit = launch.after_exit
         self.pid, self.fd = spawn.start(launch)
+
+    def _recursive_daemon(self):
+        goal, layout = self.goal, self.r.layout
+        inside, materialise = self.build_dir, None
+        if self.r.preparer.runs_sandboxed(goal):
+            from nixwarden.supervisor.build import sandbox
+            inside = sandbox.SandboxSpec.build_dir_inside
+            store = sandbox.ChrootDirs.for_drv(layout.real_store_dir,
+                                               os.path.basename(goal.drv_path),
+                                               layout.store_dir).store
+            hardlink = self.user is not None  # the builder cannot write root's files
+
+            def materialise(path: str) -> None:
+                sandbox.materialise(store, layout.store_dir, path, layout.real_path(path),
+                                    hardlink=hardlink)
+        return recursive.RecursiveDaemon(self.r, self.build_dir, inside, self.user,
+                                         self.r.registrar.input_closure(goal), materialise)
 
     def _build_path(self, name: str, path: str | None) -> str:
         """Where the builder writes output ``name``: its path, or a scratch
@@ -154,6 +181,8 @@ class BuildJob:
         os.close(self.fd)
         if self.log:
             self.log.close()
+        if self.recursive is not None:
+            self.added = self.recursive.close()
         if self.user is not None:
             self.r.kill_build_user(self.user)
         try:
@@ -175,7 +204,8 @@ class BuildJob:
             if self.goal.check:
                 outputs = self.r.check_outputs(self.goal, self.build_outputs, self.r.keep_failed)
             else:
-                outputs = self.r.register_outputs(self.goal, self.user, self.build_outputs)
+                outputs = self.r.register_outputs(self.goal, self.user, self.build_outputs,
+                                                  self.added)
         except StoreRefusal as exc:
             bits = 0x02 if "hash mismatch" in exc.message else 0
             status = g.OUTPUT_REJECTED if bits else g.MISC_FAILURE

@@ -55,8 +55,12 @@ class OutputRegistrar:
                 todo.extend(info.references)
         return seen
 
-    def register(self, goal, user, build_outputs: dict[str, str]) -> dict[str, str]:
+    def register(self, goal, user, build_outputs: dict[str, str],
+                 added=frozenset()) -> dict[str, str]:
         """Register every output of ``goal``; return {output name: path}.
+
+        ``added``: paths the builder added through recursive Nix, which its
+        outputs may refer to as to its inputs.
 
         Floating content-addressed outputs move from their scratch path to
         the path their content gives, and get a realisation.
@@ -65,7 +69,7 @@ class OutputRegistrar:
             StoreRefusal: a missing or suspicious output, a hash mismatch.
         """
         from nixwarden.supervisor.build.refscan import rewrite_hashes, scan_references
-        candidates = self.input_closure(goal) | set(build_outputs.values())
+        candidates = self.input_closure(goal) | set(added) | set(build_outputs.values())
         scanned = {}
         for name, built in sorted(build_outputs.items()):
             real = self.r.layout.real_path(built)

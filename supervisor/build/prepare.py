@@ -65,8 +65,16 @@ class LaunchPreparer:
                 goal.drv.env.get("__noChroot") != "1"
         return False
 
-    def launch(self, goal, build_dir: str, user, build_outputs: dict[str, str]) -> Launch:
-        """Prepare ``build_dir`` and return how to start the builder."""
+    def runs_sandboxed(self, goal) -> bool:
+        """Whether ``goal``'s builder will run in the sandbox."""
+        return self._sandboxed(goal) and not goal.drv.is_builtin
+
+    def launch(self, goal, build_dir: str, user, build_outputs: dict[str, str],
+               extra_env=None) -> Launch:
+        """Prepare ``build_dir`` and return how to start the builder.
+
+        ``extra_env``: variables the daemon adds (recursive Nix's NIX_REMOTE).
+        """
         from nixwarden.supervisor.build.env import builder_env
         self._check_platform(goal)
         sandboxed = self._sandboxed(goal)
@@ -79,6 +87,7 @@ class LaunchPreparer:
                             impure_env=os.environ, sandboxed=sandboxed,
                             input_paths=self.r.registrar.input_closure(goal),
                             closure_info=self._closure_info, drv_path=goal.drv_path)
+        setup.env.update(extra_env or {})
         self._write_files(build_dir, setup.files, user)
         if sandboxed and not goal.drv.is_builtin:
             from nixwarden.supervisor.build import sandboxing

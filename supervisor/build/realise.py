@@ -28,6 +28,7 @@ from nixwarden.shared.logtypes import ActivityType, Verbosity
 from nixwarden.supervisor.build import goals as g
 from nixwarden.supervisor.build.job import BuildJob
 from nixwarden.supervisor.build.prepare import LaunchPreparer
+from nixwarden.supervisor.build.recursive import RecursiveDaemon
 from nixwarden.supervisor.build.outputs import OutputRegistrar
 
 LOCK_RETRY = 0.1
@@ -120,11 +121,11 @@ class Realiser:
     def kill_build_user(self, user) -> None:
         self.preparer.kill_build_user(user)
 
-    def prepare_launch(self, goal, build_dir, user, build_outputs):
-        return self.preparer.launch(goal, build_dir, user, build_outputs)
+    def prepare_launch(self, goal, build_dir, user, build_outputs, extra_env=None):
+        return self.preparer.launch(goal, build_dir, user, build_outputs, extra_env)
 
-    def register_outputs(self, goal, user, build_outputs) -> dict[str, str]:
-        return self.registrar.register(goal, user, build_outputs)
+    def register_outputs(self, goal, user, build_outputs, added=frozenset()) -> dict[str, str]:
+        return self.registrar.register(goal, user, build_outputs, added)
 
     def check_outputs(self, goal, build_outputs, keep: bool) -> dict[str, str]:
         return self.registrar.check(goal, build_outputs, keep)
@@ -431,6 +432,8 @@ class Realiser:
             return False
         running[job.fd] = job
         sel.register(job.fd, selectors.EVENT_READ, job)
+        if job.recursive is not None:
+            sel.register(job.recursive, selectors.EVENT_READ, job.recursive)
         return True
 
     def _wait(self, sel, running, timeout: float) -> None:
@@ -440,13 +443,20 @@ class Realiser:
                 if self.session.channel.peer_closed():
                     raise ClientGone()
                 continue
+            if isinstance(job, RecursiveDaemon):
+                job.accept()
+                continue
             if not job.on_readable():
                 sel.unregister(job.fd)
+                if job.recursive is not None:
+                    sel.unregister(job.recursive)
                 del running[job.fd]
                 self._done(job.goal, job.finish())
         now = time.monotonic()
         for job in list(running.values()):
             job.check_timeouts(now)
+            if job.recursive is not None:
+                job.recursive.drain()
 
 
 def _topological(goals) -> list[g.DrvGoal]:

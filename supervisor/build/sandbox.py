@@ -205,6 +205,37 @@ def populate_chroot(spec: SandboxSpec) -> None:
             _write_file(target, "")
 
 
+def materialise(chroot_store_host: str, store_dir: str, path: str, real_path: str, *,
+                hardlink: bool) -> None:
+    """Make store path ``path`` appear in a running sandbox (recursive Nix
+    added it): a copy of its tree in the chroot's store, whose directory the
+    sandbox has bound.  Files are hard links when ``hardlink`` (the builder
+    runs as a build user and cannot write root's read-only files), copies
+    otherwise.  Directories are the caller's (root's), as for the inputs.
+    Nothing is done when the entry exists (an input, or added before).
+    """
+    target = chroot_store_host + "/" + _store_basename(path, store_dir)
+    if os.path.lexists(target):
+        return
+    _copy_entry(real_path, target, hardlink)
+
+
+def _copy_entry(src: str, dst: str, hardlink: bool) -> None:
+    st = os.lstat(src)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), dst)
+    elif stat.S_ISDIR(st.st_mode):
+        os.mkdir(dst, 0o700)
+        for name in sorted(os.listdir(src)):
+            _copy_entry(os.path.join(src, name), os.path.join(dst, name), hardlink)
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    elif hardlink:
+        os.link(src, dst, follow_symlinks=False)
+    else:
+        shutil.copyfile(src, dst, follow_symlinks=False)
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+
+
 def _store_basename(path: str, store_dir: str) -> str:
     base = path[len(store_dir) + 1:]
     if not path.startswith(store_dir + "/") or not base or "/" in base or base in (".", ".."):

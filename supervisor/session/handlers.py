@@ -236,6 +236,7 @@ def on_add_to_store_nar(session, req: schema.AddToStoreNar):
     trusted = session.identity.trusted
     session.writer.add_nar(claim, chunks, repair=req.repair and trusted,
                            check_sigs=not (req.dont_check_sigs and trusted))
+    session.note_added(claim.path)
     return schema.Ok()
 
 
@@ -251,6 +252,7 @@ def on_add_to_store(session, req: schema.AddToStore):
         raise StoreRefusal(str(exc)) from None
     info = session.writer.add_content(req.name, method, refs, chunks, nar_input=req.nar_input,
                                       repair=req.repair and session.identity.trusted)
+    session.note_added(info.path)
     return _path_info_msg(info)
 
 
@@ -279,10 +281,13 @@ def on_import_path(session, req: schema.ImportPath):
         path = _path(session, meta.path)
         deriver = _path(session, meta.deriver) if meta.deriver else None
         refs = tuple(sorted(set(_paths(session, meta.references))))
+        imported.append(path)
         return NarClaim(path, deriver, nar_hash, refs, 0, nar_size, False, (), None)
 
+    imported: list[str] = []
     session.writer.import_nar(session.stream(), read_claim,
                               check_sigs=not session.identity.trusted)
+    session.note_added(imported[0])
     return schema.Ok()
 
 
@@ -318,7 +323,11 @@ def _result_msg(outcome) -> schema.BuildResult:
 
 
 def on_build_paths(session, req: schema.BuildPaths):
-    results = _realise(session, req.targets, req.mode)
+    return build_paths_reply(session, req, _realise(session, req.targets, req.mode))
+
+
+def build_paths_reply(session, req: schema.BuildPaths, results):
+    """The answer to BuildPaths from the goals' outcomes, as Nix 2.8 gives it."""
     if req.with_results:
         return schema.BuildResults([_result_msg(o) for _, o in results])
     failed = [(t.partition("!")[0], o) for t, o in results if not o.ok]

@@ -19,14 +19,13 @@ from nixwarden.shared.errors import StoreRefusal, WorkerViolation
 from nixwarden.shared.rpc import codec, schema
 from nixwarden.shared.rpc.channel import Channel, ChannelClosed
 from nixwarden.supervisor.session.clientlog import ClientLog
-from nixwarden.supervisor.session.rules import RULES
 
 log = logging.getLogger("nixwarden.session")
 
 
 def dispatch(session, request):
     """Run one request through the rules table and return the reply."""
-    rule = RULES.get(type(request))
+    rule = session.rules.get(type(request))
     if rule is None:
         raise WorkerViolation(f"no rule for {type(request).__name__}")
     if rule.trusted_only and not session.identity.trusted:

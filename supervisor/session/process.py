@@ -98,8 +98,12 @@ def _multi_user_store_dir(layout, settings) -> None:
         os.chmod(layout.db_dir, 0o700)
 
 
-def session_main(ctl: socket.socket, layout, settings) -> None:
-    """Body of a pooled session process (the target of its fork)."""
+def session_main(ctl: socket.socket, layout, settings, new_zygote=None) -> None:
+    """Body of a pooled session process (the target of its fork).
+
+    ``new_zygote()`` makes a (not yet started) ``spawner.ZygoteHandle`` like
+    the daemon's; builds use it for recursive Nix connections.
+    """
     _reset_signals()
     _close_inherited({ctl.fileno()})
     spawner.title("session (ready)")
@@ -123,6 +127,7 @@ def session_main(ctl: socket.socket, layout, settings) -> None:
     spawner.title(f"session uid={identity.uid}")
     roots = TempRoots(layout)
     session = Session(identity, settings, layout, db, roots)
+    session.new_zygote = new_zygote
     session.writer = StoreWriter(layout, db, roots, settings)
     try:
         code = loop.serve(session, Channel(*rpc_fds))
@@ -133,3 +138,4 @@ def session_main(ctl: socket.socket, layout, settings) -> None:
         db.close()
     log.debug("session for pid %s ended after %d requests", identity.pid, session.requests)
     sys.exit(code)
+

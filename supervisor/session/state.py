@@ -14,6 +14,7 @@ from nixwarden.shared.storepath import BadStorePath, StoreDir, StorePath
 from nixwarden.supervisor.store.db import StoreDB
 from nixwarden.supervisor.store.layout import StoreLayout
 from nixwarden.supervisor.store.locks import TempRoots
+from nixwarden.supervisor.session.rules import RULES
 from nixwarden.supervisor.trust import Identity
 
 
@@ -30,6 +31,9 @@ class Session:
     _substituters: object = None  # store.substitute.Substituters, made on first use
     store_dir: StoreDir = field(init=False)
     requests: int = 0
+    rules: dict = field(default_factory=lambda: RULES)  # what this connection may ask
+    restriction: object = None  # session.restricted.Restriction of a recursive Nix session
+    new_zygote: object = None  # () -> spawner.ZygoteHandle, for recursive Nix
 
     def __post_init__(self) -> None:
         self.store_dir = StoreDir(self.layout.store_dir)
@@ -47,6 +51,12 @@ class Session:
 
     def full(self, sp: StorePath) -> str:
         return self.store_dir.print(sp)
+
+    def note_added(self, path: str) -> None:
+        """A client added ``path`` (valid now): a recursive Nix session
+        records it for its build; a plain connection has nothing to do."""
+        if self.restriction is not None:
+            self.restriction.note(path)
 
     def reset_substituters(self) -> None:
         """Forget the binary caches; the next use opens them from the current

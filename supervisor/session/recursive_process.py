@@ -1,0 +1,83 @@
+"""A recursive Nix session process: one builder connection, restricted.
+
+Started by a build's session (``build/recursive.py``) as a fresh program,
+not a fork: SQLite keeps per-process state about open databases that a
+forked copy of the build's session would inherit and corrupt.  The state
+(store layout, the session's settings, the identity and the build's
+allowed paths) arrives pickled on ``--state-fd`` from that root process;
+nothing here is read from the builder or a worker except the RPC frames,
+which are decoded as strictly as in any session.  Process: session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import sys
+from types import MappingProxyType
+
+
+def spawn_state(layout, settings, identity, allowed: set[str]) -> bytes:
+    """What the child needs, for ``--state-fd`` (written by the build's session)."""
+    level = logging.getLogger().level
+    return pickle.dumps((layout, dict(settings.values), settings.overridden, identity,
+                         sorted(allowed), level))
+
+
+def command(state_fd: int, rpc_fds: tuple[int, int], report_fd: int) -> list[str]:
+    return [sys.executable, "-m", "nixwarden.supervisor.session.recursive_process",
+            "--state-fd", str(state_fd), "--rpc-in", str(rpc_fds[0]),
+            "--rpc-out", str(rpc_fds[1]), "--report-fd", str(report_fd)]
+
+
+def _read_all(fd: int) -> bytes:
+    parts = []
+    while chunk := os.read(fd, 1 << 16):
+        parts.append(chunk)
+    os.close(fd)
+    return b"".join(parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="nixwarden-recursive-session")
+    for name in ("--state-fd", "--rpc-in", "--rpc-out", "--report-fd"):
+        parser.add_argument(name, type=int, required=True)
+    args = parser.parse_args(argv)
+    # Trusted input: written by the root session that started us.
+    layout, values, overridden, identity, allowed, level = pickle.loads(_read_all(args.state_fd))
+
+    from nixwarden.shared.rpc.channel import Channel
+    from nixwarden.supervisor import spawner
+    from nixwarden.supervisor.config import Settings
+    from nixwarden.supervisor.logs import RawFormatter
+    from nixwarden.supervisor.session import loop
+    from nixwarden.supervisor.session.restricted import RESTRICTED_RULES, Restriction
+    from nixwarden.supervisor.session.state import Session
+    from nixwarden.supervisor.store.adding import StoreWriter
+    from nixwarden.supervisor.store.db import StoreDB
+    from nixwarden.supervisor.store.locks import TempRoots
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RawFormatter(os.environ.get("IN_SYSTEMD") == "1"))
+    logging.getLogger().handlers[:] = [handler]
+    logging.getLogger().setLevel(level)
+    spawner.title(f"session recursive uid={identity.uid}")
+    settings = Settings(MappingProxyType(values), overridden)
+    db = StoreDB.open(layout, ensure_layout=False)
+    roots = TempRoots(layout)
+    session = Session(identity, settings, layout, db, roots, rules=RESTRICTED_RULES,
+                      restriction=Restriction(set(allowed), args.report_fd))
+    session.writer = StoreWriter(layout, db, roots, settings)
+    try:
+        return loop.serve(session, Channel(args.rpc_in, args.rpc_out))
+    finally:
+        session.reset_substituters()
+        session.writer.close()
+        roots.close()
+        db.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
