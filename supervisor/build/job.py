@@ -76,6 +76,7 @@ class BuildJob:
         for p in self.build_outputs.values():
             self.r.temp_roots.add(p)
             remove_entry(self.r.store_fd, os.path.basename(self.r.layout.real_path(p)))
+        self.r.preparer.check_platform(goal)
         wants_daemon = recursive.wanted(goal.drv)
         if wants_daemon:
             recursive.check_available(self.r)

@@ -12,12 +12,32 @@ to the build user, and nothing here runs client code.
 
 from __future__ import annotations
 
+import json
 import os
 
+from nixwarden.shared.derivation import OutputKind
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.supervisor.build.spawn import Launch
 
 HOMELESS = "/homeless-shelter"
+
+
+def required_system_features(drv) -> set[str]:
+    """Nix's ``getRequiredSystemFeatures``: ``requiredSystemFeatures`` (from
+    the environment or the structured attributes), plus ``ca-derivations``
+    for a derivation whose output paths are not known in advance."""
+    if "__json" in drv.env:
+        try:
+            listed = json.loads(drv.env["__json"]).get("requiredSystemFeatures") or []
+        except (ValueError, AttributeError):
+            listed = []
+        features = {f for f in listed if isinstance(f, str)} if isinstance(listed, list) \
+            else set()
+    else:
+        features = set(drv.env.get("requiredSystemFeatures", "").split())
+    if any(out.path is None and out.kind is not OutputKind.FIXED for out in drv.outputs.values()):
+        features.add("ca-derivations")
+    return features
 
 
 class LaunchPreparer:
@@ -47,15 +67,29 @@ class LaunchPreparer:
 
     # --- the launch ----------------------------------------------------------------
 
-    def _check_platform(self, goal) -> None:
+    def system_features(self) -> set[str]:
+        """What this store offers (Nix 2.8's store ``system-features``): the
+        setting, plus the enabled experimental features that are also
+        system features."""
+        features = set(self.r.settings.get("system-features"))
+        for feature in ("ca-derivations", "recursive-nix"):
+            if self.r.settings.feature_enabled(feature):
+                features.add(feature)
+        return features
+
+    def check_platform(self, goal) -> None:
+        """Refuse a derivation for another system or needing features we lack."""
         drv = goal.drv
-        if drv.platform in (self.system, "builtin") or drv.platform in self.extra_platforms:
-            return
-        if drv.is_builtin:
+        required = required_system_features(drv)
+        offered = self.system_features()
+        platform_ok = (drv.platform == self.system or drv.platform in self.extra_platforms
+                       or drv.is_builtin)
+        if platform_ok and required <= offered:
             return
         raise StoreRefusal(
-            f"a '{drv.platform}' with features {{}} is required to build "
-            f"'{goal.drv_path}', but I am a '{self.system}' with features {{}}")
+            f"a '{drv.platform}' with features {{{', '.join(sorted(required))}}} is required "
+            f"to build '{goal.drv_path}', but I am a '{self.system}' with features "
+            f"{{{', '.join(sorted(offered))}}}")
 
     def _sandboxed(self, goal) -> bool:
         if self.sandbox_mode is True:
@@ -76,7 +110,6 @@ class LaunchPreparer:
         ``extra_env``: variables the daemon adds (recursive Nix's NIX_REMOTE).
         """
         from nixwarden.supervisor.build.env import builder_env
-        self._check_platform(goal)
         sandboxed = self._sandboxed(goal)
         if not sandboxed and os.path.exists(HOMELESS):
             raise StoreRefusal(f"home directory '{HOMELESS}' exists; please remove it to "

@@ -17,7 +17,6 @@ builder's (client-controlled) traffic, which never reaches this process.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -34,22 +33,15 @@ SOCKET_NAME = ".nix-socket"
 
 
 def wanted(drv) -> bool:
-    """Whether ``drv`` asks for a recursive Nix daemon (``requiredSystemFeatures``
-    in its environment or structured attributes)."""
-    if "__json" in drv.env:
-        try:
-            features = json.loads(drv.env["__json"]).get("requiredSystemFeatures") or []
-        except (ValueError, AttributeError):
-            return False
-        return isinstance(features, list) and FEATURE in features
-    return FEATURE in drv.env.get("requiredSystemFeatures", "").split()
+    """Whether ``drv`` asks for a recursive Nix daemon."""
+    from nixwarden.supervisor.build.prepare import required_system_features
+    return FEATURE in required_system_features(drv)
 
 
 def check_available(realiser) -> None:
-    """Refuse the build (before anything is set up) if recursive Nix is off."""
-    if not realiser.settings.feature_enabled(FEATURE):
-        raise StoreRefusal(f"experimental Nix feature '{FEATURE}' is disabled; use "
-                           f"'--extra-experimental-features {FEATURE}' to override")
+    """Refuse the build (before anything is set up) if this daemon cannot
+    start workers for it.  (Without the experimental feature, the system
+    features check has refused it already.)"""
     if realiser.session.new_zygote is None:
         raise StoreRefusal("recursive Nix is not available in this daemon")
 

@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -242,3 +243,39 @@ def test_optional_missing_sandbox_path(world, build_user):
                                                                       "/nonexistent-nw"]})
     code, out = run(spec2, "echo ok", build_user)
     assert code != 0 and "nonexistent-nw" in out
+
+
+@pytest.mark.parametrize("hardlink", [True, False])
+def test_path_added_during_the_build_appears_in_the_sandbox(world, build_user, hardlink):
+    """Recursive Nix: a path materialised while the builder runs becomes
+    visible in its store, read-only, and the real store is untouched."""
+    real = world["real"] + "/zzzz-not-an-input"
+    os.makedirs(real + "/sub", 0o755)
+    with open(real + "/sub/f", "w") as f:
+        f.write("added later\n")
+    os.chmod(real + "/sub/f", 0o444)
+    os.symlink("sub/f", real + "/link")
+    spec = make_spec(world)
+    script = (f"i=0; while [ ! -e {STORE}/zzzz-not-an-input/link ] && [ $i -lt 200 ]; "
+              f"do sleep 0.05; i=$((i+1)); done; cat {STORE}/zzzz-not-an-input/link; "
+              f"{{ echo x >> {STORE}/zzzz-not-an-input/sub/f; }} 2>/dev/null || echo ro; "
+              f"rm -f {STORE}/zzzz-not-an-input/sub/f 2>/dev/null; "
+              f"test -e {STORE}/zzzz-not-an-input/sub/f && echo kept")
+    got = {}
+    runner = threading.Thread(target=lambda: got.update(r=run(spec, script, build_user)))
+    runner.start()
+    time.sleep(0.5)
+    sandbox.materialise(world["dirs"].store, STORE, f"{STORE}/zzzz-not-an-input", real,
+                        hardlink=hardlink)
+    sandbox.materialise(world["dirs"].store, STORE, f"{STORE}/zzzz-not-an-input", real,
+                        hardlink=hardlink)  # again: nothing to do
+    runner.join(30)
+    code, out = got["r"]
+    assert code == 0, out
+    assert out.splitlines() == ["added later", "ro", "kept"]
+    copied = world["dirs"].store + "/zzzz-not-an-input/sub/f"
+    assert (os.stat(copied).st_ino == os.stat(real + "/sub/f").st_ino) == hardlink
+    sandbox.cleanup_chroot(world["dirs"])
+    with open(real + "/sub/f") as f:
+        assert f.read() == "added later\n"
+    assert os.stat(real + "/sub/f").st_mode & 0o777 == 0o444
