@@ -108,12 +108,15 @@ class StoreClient:
     def add_temp_root(self, path: str) -> None:
         self._call(schema.AddTempRoot(path), schema.Ok)
 
-    def query_realisation(self, drv_hash: str, output: str) -> list[str]:
-        """[output path, signatures...] or [] when unknown."""
-        return self._call(schema.QueryRealisation(drv_hash, output), schema.Strings).items
+    def query_realisation(self, drv_hash: str, output: str) -> schema.Realisation | None:
+        reply = self._call(schema.QueryRealisation(drv_hash, output),
+                           (schema.Realisation, schema.NoRealisation))
+        return reply if isinstance(reply, schema.Realisation) else None
 
-    def register_drv_output(self, drv_hash: str, output: str, path: str, sigs) -> None:
-        self._call(schema.RegisterDrvOutput(drv_hash, output, path, list(sigs)), schema.Ok)
+    def register_drv_output(self, drv_hash: str, output: str, path: str, sigs,
+                            dependents=()) -> None:
+        self._call(schema.RegisterDrvOutput(drv_hash, output, path, list(sigs),
+                                            [list(d) for d in dependents]), schema.Ok)
 
     def _stream(self, request, chunks, expect: type):
         """Send ``request``, then the bulk data as Chunk frames and End."""

@@ -103,6 +103,8 @@ class RegisterDrvOutput(_Msg, tag=70):
     output: str
     out_path: str
     signatures: list[str]
+    # (drv hash, output, path) of the input realisations it depends on
+    dependents: list[tuple[str, str, str]] = []
 
 
 class CheckNarReadable(_Msg, tag=32):
@@ -377,10 +379,22 @@ class GcResult(_Msg, tag=39):
     bytes_freed: int
 
 
+class Realisation(_Msg, tag=41):
+    """A known realisation: its output path, signatures and the
+    realisations it depends on, as (``<drv hash>!<output>``, path)."""
+    out_path: str
+    signatures: list[str]
+    dependents: list[tuple[str, str]]
+
+
+class NoRealisation(_Msg, tag=43):
+    """The realisation asked for is not known."""
+
+
 Reply = Union[
     Ok, Bool, Paths, OptPath, PathInfo, MaybePathInfo, OutputMap, SubstitutableInfos,
     Missing, Warnings, Strings, Failure, LogLine, BuildResult, BuildResults,
-    StartActivity, StopActivity, ActivityResult, Roots, GcResult,
+    StartActivity, StopActivity, ActivityResult, Roots, GcResult, Realisation, NoRealisation,
 ]
 
 #: Every type id, for review: requests even, replies odd.

@@ -325,11 +325,36 @@ class Realiser:
 
     def _realise_original(self, original: g.DrvGoal, resolved: g.DrvGoal) -> None:
         drv_hash = self.drv_hash(original.drv)
+        inputs = self._input_realisations(original.drv)
         for name in original.drv.outputs:
             path = resolved.output_paths.get(name)
             if path and self.db.is_valid(path):
                 original.output_paths[name] = path
-                self.db.register_realisation(ca.drv_output_id(drv_hash[name]), name, path)
+                refs = set(self.db.query_path_info(path).references)
+                self.db.register_realisation(
+                    ca.drv_output_id(drv_hash[name]), name, path,
+                    dependents=[d for d in inputs if d[2] in refs])
+
+    def _input_realisations(self, drv) -> list[tuple[str, str, str]]:
+        """The realisations of ``drv``'s inputs and, transitively, those they
+        depend on, as (drv output, output name, path): what an output of the
+        original (unresolved) derivation may depend on (Nix's
+        ``drvOutputReferences``).  Inputs without a realisation are left out."""
+        todo = []
+        for input_drv, names in drv.input_drvs.items():
+            hashes = self.drv_hash(self.read_derivation(input_drv))
+            todo.extend((ca.drv_output_id(hashes[n]), n) for n in names if n in hashes.hashes)
+        found: dict[tuple[str, str], str] = {}
+        while todo:
+            key = todo.pop()
+            if key in found:
+                continue
+            known = self.db.query_realisation(*key)
+            if known is None:
+                continue
+            found[key] = known[0]
+            todo.extend(tuple(dep_id.rsplit("!", 1)) for dep_id, _ in known[2])
+        return sorted((h, n, p) for (h, n), p in found.items())
 
     def _resolved(self, goal: g.DrvGoal) -> g.DrvGoal | None:
         """The resolved derivation to build instead of ``goal`` (written to

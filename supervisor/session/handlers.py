@@ -180,9 +180,10 @@ def on_query_realisation(session, req: schema.QueryRealisation):
     session.db.ensure_ca_schema()
     found = session.db.query_realisation(_check_drv_hash(req.drv_hash), req.output)
     if found is None:
-        return schema.Strings([])
-    session.temp_roots.add(found[0])
-    return schema.Strings([found[0], *found[1]])
+        return schema.NoRealisation()
+    path, sigs, dependents = found
+    session.temp_roots.add(path)
+    return schema.Realisation(path, list(sigs), [list(d) for d in dependents])
 
 
 def on_register_drv_output(session, req: schema.RegisterDrvOutput):
@@ -192,9 +193,11 @@ def on_register_drv_output(session, req: schema.RegisterDrvOutput):
                            "'--extra-experimental-features ca-derivations' to override")
     if not session.db.is_valid(path):
         raise StoreRefusal(f"path '{path}' is not valid")
+    dependents = [(_check_drv_hash(h_), name, _path(session, p))
+                  for h_, name, p in req.dependents]
     session.db.ensure_ca_schema()
     session.db.register_realisation(_check_drv_hash(req.drv_hash), req.output, path,
-                                    req.signatures)
+                                    req.signatures, dependents)
     return schema.Ok()
 
 

@@ -4,9 +4,10 @@ Started by a build's session (``build/recursive.py``) as a fresh program,
 not a fork: SQLite keeps per-process state about open databases that a
 forked copy of the build's session would inherit and corrupt.  The state
 (store layout, the session's settings, the identity and the build's
-allowed paths) arrives pickled on ``--state-fd`` from that root process;
-nothing here is read from the builder or a worker except the RPC frames,
-which are decoded as strictly as in any session.  Process: session.
+allowed paths) arrives as one typed msgpack message (``RecursiveState``)
+on ``--state-fd`` from that root process; nothing is unpickled (STYLE.md
+1.7).  Nothing here is read from the builder or a worker except the RPC
+frames, decoded as strictly as in any session.  Process: session.
 """
 
 from __future__ import annotations
@@ -14,16 +15,29 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pickle
 import sys
 from types import MappingProxyType
+
+import msgspec
+
+from nixwarden.supervisor.store.layout import StoreLayout
+from nixwarden.supervisor.trust import Identity
+
+
+class RecursiveState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    layout: StoreLayout
+    settings: dict[str, bool | int | str | tuple[str, ...]]  # Settings.values
+    overridden: frozenset[str]
+    identity: Identity
+    allowed: list[str]
+    log_level: int
 
 
 def spawn_state(layout, settings, identity, allowed: set[str]) -> bytes:
     """What the child needs, for ``--state-fd`` (written by the build's session)."""
-    level = logging.getLogger().level
-    return pickle.dumps((layout, dict(settings.values), settings.overridden, identity,
-                         sorted(allowed), level))
+    return msgspec.msgpack.encode(RecursiveState(
+        layout, dict(settings.values), settings.overridden, identity, sorted(allowed),
+        logging.getLogger().level))
 
 
 def command(state_fd: int, rpc_fds: tuple[int, int], report_fd: int) -> list[str]:
@@ -45,8 +59,8 @@ def main(argv=None) -> int:
     for name in ("--state-fd", "--rpc-in", "--rpc-out", "--report-fd"):
         parser.add_argument(name, type=int, required=True)
     args = parser.parse_args(argv)
-    # Trusted input: written by the root session that started us.
-    layout, values, overridden, identity, allowed, level = pickle.loads(_read_all(args.state_fd))
+    state = msgspec.msgpack.decode(_read_all(args.state_fd), type=RecursiveState)
+    layout, identity = state.layout, state.identity
 
     from nixwarden.shared.rpc.channel import Channel
     from nixwarden.supervisor import spawner
@@ -62,13 +76,13 @@ def main(argv=None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(RawFormatter(os.environ.get("IN_SYSTEMD") == "1"))
     logging.getLogger().handlers[:] = [handler]
-    logging.getLogger().setLevel(level)
+    logging.getLogger().setLevel(state.log_level)
     spawner.title(f"session recursive uid={identity.uid}")
-    settings = Settings(MappingProxyType(values), overridden)
+    settings = Settings(MappingProxyType(state.settings), state.overridden)
     db = StoreDB.open(layout, ensure_layout=False)
     roots = TempRoots(layout)
     session = Session(identity, settings, layout, db, roots, rules=RESTRICTED_RULES,
-                      restriction=Restriction(set(allowed), args.report_fd))
+                      restriction=Restriction(set(state.allowed), args.report_fd))
     session.writer = StoreWriter(layout, db, roots, settings)
     try:
         return loop.serve(session, Channel(args.rpc_in, args.rpc_out))

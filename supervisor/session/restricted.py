@@ -109,8 +109,9 @@ def _on_query_missing(session, req: schema.QueryMissing):
 
 def _on_query_realisation(session, req: schema.QueryRealisation):
     found = h.on_query_realisation(session, req)
-    if found.items and found.items[0] not in session.restriction.allowed:
-        return schema.Strings([])
+    if isinstance(found, schema.Realisation) and \
+            found.out_path not in session.restriction.allowed:
+        return schema.NoRealisation()
     return found
 
 

@@ -118,6 +118,9 @@ _QUERY_FROM_HASH_PART = "select path from ValidPaths where path >= ? limit 1;"
 _QUERY_ALL = "select path from ValidPaths;"
 _QUERY_ID = "select id from ValidPaths where path = ?;"
 _INVALIDATE = "delete from ValidPaths where path = ?;"
+_QUERY_REALISATION = ("select Realisations.id, ValidPaths.path, Realisations.signatures"
+                      " from Realisations join ValidPaths on ValidPaths.id = Realisations.outputPath"
+                      " where drvPath = ? and outputName = ?")
 
 
 def _is_busy(e: sqlite3.Error) -> bool:
@@ -360,8 +363,20 @@ class StoreDB:
                 f.write("3")
 
     def register_realisation(self, drv_output: str, output_name: str, out_path: str,
-                             signatures: Iterable[str] = ()) -> None:
-        """Record that ``drv_output`` (``sha256:<hex>``) ! ``output_name`` is ``out_path``."""
+                             signatures: Iterable[str] = (),
+                             dependents: Iterable[tuple[str, str, str]] = ()) -> None:
+        """Record that ``drv_output`` (``sha256:<hex>``) ! ``output_name`` is ``out_path``.
+
+        ``dependents``: (drv output, output name, path) of the realisations
+        of inputs that the output refers to (Nix's ``dependentRealisations``,
+        rows of ``RealisationsRefs``); each must be known here and point to
+        that path.
+
+        Raises:
+            StoreRefusal: a dependent realisation is unknown or differs.
+        """
+        dependents = list(dependents)
+
         def run() -> None:
             out_id = self._require_id(out_path)
             row = self.conn.execute(
@@ -369,24 +384,44 @@ class StoreDB:
                 (drv_output, output_name)).fetchone()
             sigs = " ".join(sorted(set(signatures)))  # never NULL: Nix 2.8 reads it as text
             if row is None:
-                self.conn.execute(
+                row = (self.conn.execute(
                     "insert into Realisations (drvPath, outputName, outputPath, signatures) "
-                    "values (?, ?, ?, ?)", (drv_output, output_name, out_id, sigs))
+                    "values (?, ?, ?, ?)", (drv_output, output_name, out_id, sigs)).lastrowid,)
+            this = f"{drv_output}!{output_name}"
+            for dep_output, dep_name, dep_path in dependents:
+                dep = self.conn.execute(_QUERY_REALISATION, (dep_output, dep_name)).fetchone()
+                if dep is None:
+                    raise StoreRefusal(f"unable to register the derivation '{this}' as it "
+                                       f"depends on the non existent '{dep_output}!{dep_name}'")
+                if dep[1] != dep_path:
+                    raise StoreRefusal(f"unable to register the derivation '{this}' as it "
+                                       f"depends on a realisation of '{dep_output}!{dep_name}' "
+                                       f"that doesn’t point to '{dep_path}'")
+                # (Nix 2.8 inserts again on every registration; one row is enough)
+                self.conn.execute(
+                    "insert into RealisationsRefs (referrer, realisationReference)"
+                    " select ?, ? where not exists (select 1 from RealisationsRefs"
+                    " where referrer = ? and realisationReference = ?)",
+                    (row[0], dep[0], row[0], dep[0]))
         self._write(run)
 
     def query_realisation(self, drv_output: str, output_name: str
-                          ) -> tuple[str, tuple[str, ...]] | None:
-        """(output path, signatures) of a realisation, if known and valid."""
+                          ) -> tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]] | None:
+        """(output path, signatures, dependent realisations as (``<drv
+        output>!<name>``, path)) of a realisation, if known and valid."""
         if not self._has_table("Realisations"):
             return None
-        rows = self._read(
-            "select ValidPaths.path, Realisations.signatures from Realisations "
-            "join ValidPaths on ValidPaths.id = Realisations.outputPath "
-            "where drvPath = ? and outputName = ?", (drv_output, output_name))
-        if not rows:
-            return None
-        path, sigs = rows[0]
-        return path, tuple((sigs or "").split())
+        with self._mutex:
+            rows = self._read(_QUERY_REALISATION + ";", (drv_output, output_name))
+            if not rows:
+                return None
+            row_id, path, sigs = rows[0]
+            deps = self._read(
+                "select r.drvPath, r.outputName, v.path from RealisationsRefs x"
+                " join Realisations r on r.id = x.realisationReference"
+                " join ValidPaths v on v.id = r.outputPath where x.referrer = ?", (row_id,))
+        return (path, tuple((sigs or "").split()),
+                tuple(sorted((f"{d}!{n}", p) for d, n, p in deps)))
 
     def query_deriver(self, path: str) -> str | None:
         info = self.query_path_info(path)

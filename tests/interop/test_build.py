@@ -551,11 +551,6 @@ def test_ca_derivations(both_ca):
         r["outPath"] for r in json.loads(both_ca["nix-daemon"]["realisations"][1]))
 
 
-@pytest.mark.xfail(strict=True, reason="dependentRealisations are never recorded: Nix 2.8 "
-                   "registers the original derivation's realisation with "
-                   "drvOutputReferences (input realisations whose outPath the output "
-                   "refers to, in RealisationsRefs); nixwarden's StoreDB.register_realisation "
-                   "writes no RealisationsRefs rows and QueryRealisation returns {}")
 def test_ca_dependent_realisations(both_ca):
     _same(both_ca, "realisations")
 

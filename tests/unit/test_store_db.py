@@ -422,3 +422,25 @@ def test_long_reference_chain_in_one_batch(layout, db):
     with pytest.raises(StoreRefusal, match="cycle detected"):
         db.register_valid_paths([info(loop[0], refs=[loop[1]]), info(loop[1], refs=[loop[2]]),
                                  info(loop[2], refs=[loop[0], loop[2]])])
+
+
+def test_realisations_with_dependents(layout, db):
+    dep, top = sp(layout, "dep"), sp(layout, "top")
+    db.register_valid_paths([info(dep), info(top, [dep])])
+    db.ensure_ca_schema()
+    dep_id, top_id = "sha256:" + "a1" * 32, "sha256:" + "b2" * 32
+    db.register_realisation(dep_id, "out", dep, ["k:sig"])
+    db.register_realisation(top_id, "out", top, dependents=[(dep_id, "out", dep)])
+    assert db.query_realisation(dep_id, "out") == (dep, ("k:sig",), ())
+    assert db.query_realisation(top_id, "out") == (top, (), ((f"{dep_id}!out", dep),))
+    # Registering again changes nothing (no duplicate rows).
+    db.register_realisation(top_id, "out", top, dependents=[(dep_id, "out", dep)])
+    assert db.conn.execute("select count(*) from RealisationsRefs").fetchone() == (1,)
+    with pytest.raises(StoreRefusal, match="depends on the non existent"):
+        db.register_realisation(top_id, "dev", top, dependents=[("sha256:" + "c3" * 32,
+                                                                 "out", dep)])
+    with pytest.raises(StoreRefusal, match="that doesn\u2019t point to"):
+        db.register_realisation(top_id, "lib", top, dependents=[(dep_id, "out", top)])
+    # A refused registration leaves nothing behind.
+    assert db.query_realisation(top_id, "dev") is None
+    assert db.query_realisation(top_id, "lib") is None

@@ -197,9 +197,10 @@ def parse_drv_output(text: str) -> tuple[str, str]:
     return drv_hash, output
 
 
-def realisation_json(drv_hash: str, output: str, path: str, sigs) -> str:
+def realisation_json(drv_hash: str, output: str, path: str, sigs, dependents=()) -> str:
     """A realisation as Nix 2.4-2.34 send it (spec §2.9 b): keys sorted, compact."""
-    return json.dumps({"dependentRealisations": {}, "id": f"{drv_hash}!{output}",
+    deps = {dep_id: dep_path.rsplit("/", 1)[1] for dep_id, dep_path in dependents}
+    return json.dumps({"dependentRealisations": deps, "id": f"{drv_hash}!{output}",
                        "outPath": path.rsplit("/", 1)[1], "signatures": sorted(sigs)},
                       separators=(",", ":"), sort_keys=True)
 
@@ -211,11 +212,12 @@ def query_realisation(ctx):
     def run():
         drv_hash, output = parse_drv_output(output_id)
         found = ctx.store.query_realisation(drv_hash, output)
-        if not found:
+        if found is None:
             return w.w_strings([])
         if ctx.version < REALISATION_JSON:
-            return w.w_strings([found[0]])
-        return w.w_strings([realisation_json(drv_hash, output, found[0], found[1:])])
+            return w.w_strings([found.out_path])
+        return w.w_strings([realisation_json(drv_hash, output, found.out_path,
+                                             found.signatures, found.dependents)])
     return run
 
 
@@ -236,11 +238,16 @@ def register_drv_output(ctx):
                 output_id = obj["id"]
                 path = f"{ctx.store_dir}/{obj['outPath']}"
                 sigs = [str(x) for x in obj.get("signatures", [])]
-            except (ValueError, KeyError, TypeError) as exc:
+                dependents = [(*parse_drv_output(str(dep_id)),
+                               ctx.check_path(f"{ctx.store_dir}/{dep_path}"))
+                              for dep_id, dep_path in
+                              (obj.get("dependentRealisations") or {}).items()]
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise StoreRefusal(f"invalid realisation: {exc}") from None
         else:
-            output_id, path, sigs = fields
+            (output_id, path, sigs), dependents = fields, []
         drv_hash, output = parse_drv_output(output_id)
-        ctx.store.register_drv_output(drv_hash, output, ctx.check_path(path), sigs)
+        ctx.store.register_drv_output(drv_hash, output, ctx.check_path(path), sigs,
+                                      dependents)
         return b""
     return run
