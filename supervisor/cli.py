@@ -360,9 +360,10 @@ Description
     store operations its session permits.
 
     It serves queries, adding and exporting paths, builds (as build users
-    from `build-users-group`; with `sandbox = true` inside bubblewrap),
-    garbage collection, verification, optimisation, signing and
-    substitution from binary caches, on a store CppNix tools can share.
+    from `build-users-group`; with `sandbox = true` inside bubblewrap;
+    recursive Nix with the `recursive-nix` experimental feature), garbage
+    collection, verification, optimisation, signing and substitution from
+    binary caches, on a store CppNix tools can share.
 
 Daemon options
     --stdio             Serve one client on standard input/output instead of a
