@@ -43,17 +43,8 @@ class OutputRegistrar:
         return self.closure(roots)
 
     def closure(self, roots) -> set[str]:
-        seen, todo = set(), list(roots)
-        while todo:
-            path = todo.pop()
-            if path in seen:
-                continue
-            seen.add(path)
-            self.r.temp_roots.add(path)
-            info = self.r.db.query_path_info(path)
-            if info is not None:
-                todo.extend(info.references)
-        return seen
+        """The closure of ``roots``, each path temp-rooted as it is reached."""
+        return self.r.db.closure(roots, visit=self.r.temp_roots.add)
 
     def register(self, goal, user, build_outputs: dict[str, str],
                  added=frozenset()) -> dict[str, str]:

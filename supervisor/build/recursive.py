@@ -17,6 +17,7 @@ builder's (client-controlled) traffic, which never reaches this process.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -27,6 +28,8 @@ from nixwarden.shared.rpc.handover import Assignment
 from nixwarden.shared.version import NIX_COMPAT_VERSION
 from nixwarden.supervisor.session import recursive_process
 from nixwarden.supervisor.trust import Identity
+
+log = logging.getLogger("nixwarden.build")
 
 FEATURE = "recursive-nix"
 SOCKET_NAME = ".nix-socket"
@@ -110,12 +113,19 @@ class RecursiveDaemon:
             raise
         for fd in own:
             os.close(fd)
-        with os.fdopen(state_w, "wb") as f:
-            f.write(recursive_process.spawn_state(
-                self.session.layout, self.session.settings, identity,
-                self.allowed | self.added))
         os.set_blocking(report_r, False)
         self.children[proc] = report_r
+        try:
+            with os.fdopen(state_w, "wb") as f:
+                f.write(recursive_process.spawn_state(
+                    self.session.layout, self.session.settings, identity,
+                    self.allowed | self.added))
+        except OSError as exc:  # the session died before reading its state
+            log.error("recursive Nix session %d did not start: %s", proc.pid, exc)
+            proc.kill()
+            for fd in worker_ends:
+                os.close(fd)
+            return
         layout = self.session.layout
         assignment = Assignment(uid, None, False, layout.store_dir, layout.real_store_dir,
                                 NIX_COMPAT_VERSION)

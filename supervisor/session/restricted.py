@@ -138,23 +138,9 @@ def _on_build_paths(session, req: schema.BuildPaths):
                                "is unknown")
     results = h._realise(session, req.targets, req.mode)
     built = {p for _, outcome in results for p in outcome.outputs.values() if p}
-    closure = _closure(session, built)
-    for path in sorted(closure):
+    for path in sorted(session.db.closure(built)):
         session.restriction.note(path)
     return h.build_paths_reply(session, req, results)
-
-
-def _closure(session, roots) -> set[str]:
-    seen, todo = set(), list(roots)
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        info = session.db.query_path_info(path)
-        if info is not None:
-            todo.extend(info.references)
-    return seen
 
 
 def _ok(session, req):

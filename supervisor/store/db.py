@@ -301,6 +301,23 @@ class StoreDB:
             ca=ca or None,
         )
 
+    def closure(self, roots: Iterable[str], visit: Callable[[str], None] | None = None
+                ) -> set[str]:
+        """``roots`` and every path they refer to, transitively (Nix's
+        ``computeFSClosure``); ``visit(path)`` runs for each before its
+        references are read.  Invalid paths are included, without references."""
+        seen: set[str] = set()
+        todo = list(roots)
+        while todo:
+            path = todo.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            if visit is not None:
+                visit(path)
+            todo.extend(self.query_references(path))
+        return seen
+
     def query_references(self, path: str) -> list[str]:
         """Sorted references of a valid path ([] if it is not valid)."""
         path_id = self._path_id(path)
