@@ -22,8 +22,11 @@ class BuildLogWriter:
 
     def __init__(self, log_dir: str, drv_base: str, compress: bool = True):
         self.path = log_path(log_dir, drv_base, compress)
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
-        self._file = open(self.path, "wb")
+        try:
+            self._file = open(self.path, "wb")
+        except FileNotFoundError:  # the first log under this prefix
+            os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+            self._file = open(self.path, "wb")
         self._bz = bz2.BZ2Compressor() if compress else None
 
     def write(self, data: bytes) -> None:

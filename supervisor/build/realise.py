@@ -62,7 +62,7 @@ class Realiser:
         self.registrar = OutputRegistrar(self)
         self.builds_act = 0
         self._drvs: dict = {}
-        self._hash_cache: dict = {}
+        self._hash_cache = session.writer.drv_hashes  # shared across requests
 
     # --- what the store says -------------------------------------------------------
 

@@ -57,6 +57,9 @@ class StoreWriter:
         self.set_policy(settings)
         self.store_fd = os.open(layout.real_store_dir,
                                 os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Hashes modulo of the input derivations of added .drv files, by
+        # path: a .drv's path fixes its content, so they never go stale.
+        self.drv_hashes: dict = {}
 
     def close(self) -> None:
         os.close(self.store_fd)

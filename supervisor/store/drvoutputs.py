@@ -15,6 +15,9 @@ import os
 from nixwarden.shared import derivation as drvmod
 from nixwarden.shared import derivation_hash
 
+#: Input derivation hashes a session keeps (a few hundred bytes each).
+DRV_HASH_CACHE_MAX = 50_000
+
 
 def read_drv(store_fd: int, store_dir, path: str) -> drvmod.Derivation:
     """Parse the ``.drv`` at ``path`` (relative to the real store directory)."""
@@ -37,8 +40,10 @@ def outputs_for_new_drv(writer, path: str) -> dict[str, dict[str, str]]:
     """
     store_dir = writer.store_dir
     drv = read_drv(writer.store_fd, store_dir, path)
+    if len(writer.drv_hashes) > DRV_HASH_CACHE_MAX:
+        writer.drv_hashes.clear()
     derivation_hash.check_outputs(drv, store_dir,
                                   lambda p: read_drv(writer.store_fd, store_dir, p),
-                                  drv_path=path)
+                                  drv_path=path, cache=writer.drv_hashes)
     outputs = {name: out.path for name, out in drv.outputs.items() if out.path}
     return {path: outputs} if outputs else {}

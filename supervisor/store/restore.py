@@ -102,6 +102,7 @@ def remove_entry(parent_fd: int, name: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=parent_fd)
         return
-    for root, dirs, _files, root_fd in os.fwalk(name, dir_fd=parent_fd):
-        os.fchmod(root_fd, 0o700)
+    if os.geteuid() != 0:  # root may empty read-only directories as they are
+        for root, dirs, _files, root_fd in os.fwalk(name, dir_fd=parent_fd):
+            os.fchmod(root_fd, 0o700)
     shutil.rmtree(name, dir_fd=parent_fd)
