@@ -32,18 +32,24 @@ from nixwarden.supervisor.store.pathinfo import PathInfo
 class OutputRegistrar:
     def __init__(self, realiser):
         self.r = realiser
+        self._input_closures: dict[str, frozenset[str]] = {}
 
-    def input_closure(self, goal) -> set[str]:
-        """Every path the builder may refer to: the closure of its inputs."""
+    def input_closure(self, goal) -> frozenset[str]:
+        """Every path the builder may refer to: the closure of its inputs
+        (computed once per derivation: its inputs are built before it)."""
+        known = self._input_closures.get(goal.drv_path)
+        if known is not None:
+            return known
         roots = set(goal.drv.input_srcs)
         for dep in goal.deps:
             for out in goal.drv.input_drvs.get(dep.drv_path, ()):
                 if dep.output_paths.get(out):
                     roots.add(dep.output_paths[out])
-        return self.closure(roots)
+        closure = self._input_closures[goal.drv_path] = frozenset(self.closure(roots))
+        return closure
 
     def closure(self, roots) -> set[str]:
-        """The closure of ``roots``, each path temp-rooted as it is reached."""
+        """The closure of ``roots``, every path of it temp-rooted."""
         return self.r.db.closure(roots, visit=self.r.temp_roots.add)
 
     def register(self, goal, user, build_outputs: dict[str, str],

@@ -304,19 +304,25 @@ class StoreDB:
     def closure(self, roots: Iterable[str], visit: Callable[[str], None] | None = None
                 ) -> set[str]:
         """``roots`` and every path they refer to, transitively (Nix's
-        ``computeFSClosure``); ``visit(path)`` runs for each before its
-        references are read.  Invalid paths are included, without references."""
-        seen: set[str] = set()
-        todo = list(roots)
-        while todo:
-            path = todo.pop()
-            if path in seen:
-                continue
-            seen.add(path)
-            if visit is not None:
+        ``computeFSClosure``), each walk one recursive query (one read
+        transaction, however deep the closure); ``visit(path)`` then runs
+        for each.  Invalid roots are included, without references."""
+        wanted = sorted(set(roots))
+        found = set(wanted)
+        for i in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[i:i + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._read(
+                "with recursive closure(id) as ("
+                f" select id from ValidPaths where path in ({marks})"
+                " union select reference from Refs join closure on Refs.referrer = closure.id)"
+                " select path from ValidPaths where id in (select id from closure);",
+                tuple(chunk))
+            found.update(r[0] for r in rows)
+        if visit is not None:
+            for path in sorted(found):
                 visit(path)
-            todo.extend(self.query_references(path))
-        return seen
+        return found
 
     def query_references(self, path: str) -> list[str]:
         """Sorted references of a valid path ([] if it is not valid)."""

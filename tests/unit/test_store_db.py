@@ -444,3 +444,16 @@ def test_realisations_with_dependents(layout, db):
     # A refused registration leaves nothing behind.
     assert db.query_realisation(top_id, "dev") is None
     assert db.query_realisation(top_id, "lib") is None
+
+
+def test_closure_in_one_query(layout, db):
+    chain = [sp(layout, f"c{i}") for i in range(300)]
+    db.register_valid_paths([info(p, [chain[i - 1]] if i else [p]) for i, p in enumerate(chain)])
+    other, missing = sp(layout, "other"), sp(layout, "missing")
+    db.register_valid_paths([info(other)])
+    visited = []
+    got = db.closure([chain[-1], missing], visit=visited.append)
+    assert got == set(chain) | {missing}  # an invalid root is kept, without references
+    assert sorted(visited) == sorted(got)
+    assert db.closure([chain[0]]) == {chain[0]}  # a self-reference ends the walk
+    assert db.closure([]) == set()
