@@ -108,7 +108,8 @@ _QUERY_INFO = ("select v.hash, v.registrationTime, v.deriver, v.narSize, v.ultim
                " v.ca, (select group_concat(r.path, ' ') from Refs join ValidPaths r"
                " on reference = r.id where referrer = v.id)"
                " from ValidPaths v where v.path = ?;")
-_QUERY_REFERENCES = "select path from Refs join ValidPaths on reference = id where referrer = ?;"
+_QUERY_REFERENCES_OF_PATH = ("select path from Refs join ValidPaths on reference = id"
+                             " where referrer = (select id from ValidPaths where path = ?);")
 _QUERY_REFERRERS = ("select path from Refs join ValidPaths on referrer = id"
                     " where reference = (select id from ValidPaths where path = ?);")
 _QUERY_VALID_DERIVERS = ("select v.id, v.path from DerivationOutputs d join ValidPaths v"
@@ -326,10 +327,7 @@ class StoreDB:
 
     def query_references(self, path: str) -> list[str]:
         """Sorted references of a valid path ([] if it is not valid)."""
-        path_id = self._path_id(path)
-        if path_id is None:
-            return []
-        return sorted(r[0] for r in self._read(_QUERY_REFERENCES, (path_id,)))
+        return sorted(r[0] for r in self._read(_QUERY_REFERENCES_OF_PATH, (path,)))
 
     def query_referrers(self, path: str) -> list[str]:
         """Sorted valid paths referring to ``path`` (including itself if so)."""

@@ -187,14 +187,13 @@ class Collector:
                 self._delete_path(path)
 
     def _edges(self, path: str) -> list[str]:
-        if not self.db.is_valid(path):
-            return []
+        # (every query below answers nothing for an invalid path but the last)
         out = list(self.db.query_referrers(path))
         if self.keep_derivations and path.endswith(".drv"):
             for o in self.db.query_derivation_outputs(path).values():
                 if self.db.is_valid(o) and self.db.query_deriver(o) == path:
                     out.append(o)
-        if self.keep_outputs:
+        if self.keep_outputs and (out or self.db.is_valid(path)):
             out.extend(self.db.query_valid_derivers(path))
         return out
 
@@ -242,8 +241,6 @@ class Collector:
         return order
 
     def _refs_within(self, path: str, paths: set[str]) -> list[str]:
-        if not self.db.is_valid(path):
-            return []
         return sorted((r for r in self.db.query_references(path) if r != path and r in paths),
                       key=os.path.basename)
 
