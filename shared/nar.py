@@ -178,9 +178,10 @@ class Regular:
 
 @dataclass(frozen=True, slots=True)
 class Contents:
-    """A non-empty piece of the current file's contents."""
+    """A non-empty piece of the current file's contents: bytes, or a
+    read-only view of the (immutable) input given to ``feed``."""
     path: tuple[str, ...]
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +268,7 @@ class NarParser:
         self._events: list[NarEvent] = []
         self._done = False
         self._error: BaseException | None = None
+        self._share = False  # see feed
         self.bytes_consumed = 0
 
     @property
@@ -291,6 +293,8 @@ class NarParser:
                 bytes after its end; also on any call after an error.
         """
         self._check_usable()
+        # Contents events may be views of ``data`` when nothing can change it.
+        self._share = isinstance(getattr(data, "obj", data), bytes)
         try:
             return self._feed(memoryview(data).cast("B"))
         except BaseException as exc:
@@ -362,7 +366,8 @@ class NarParser:
 
     def _step_contents(self, view: memoryview, pos: int) -> int:
         take = min(self._remaining, len(view) - pos)
-        self._events.append(Contents(self._req.path, bytes(view[pos:pos + take])))
+        piece = view[pos:pos + take]
+        self._events.append(Contents(self._req.path, piece if self._share else bytes(piece)))
         self._remaining -= take
         if self._remaining == 0:
             self._start_padding()

@@ -118,13 +118,17 @@ class StoreClient:
         self._call(schema.RegisterDrvOutput(drv_hash, output, path, list(sigs),
                                             [list(d) for d in dependents]), schema.Ok)
 
-    def _stream(self, request, chunks, expect: type):
-        """Send ``request``, then the bulk data as Chunk frames and End."""
-        self.channel.send(request)
+    def _send_chunks(self, chunks) -> None:
+        """Send bulk data as Chunk frames of at most ``RPC_CHUNK`` bytes."""
         step = limits.RPC_CHUNK
         for data in chunks:
             for start in range(0, len(data), step):
                 self.channel.send(schema.Chunk(data[start:start + step]))
+
+    def _stream(self, request, chunks, expect: type):
+        """Send ``request``, then the bulk data as Chunk frames and End."""
+        self.channel.send(request)
+        self._send_chunks(chunks)
         return self._call(schema.End(), expect)
 
     def add_to_store(self, req: schema.AddToStore, chunks) -> schema.PathInfo:
@@ -136,10 +140,7 @@ class StoreClient:
     def import_path(self, chunks, meta) -> str:
         """Send one exported NAR, then its metadata (read after the NAR)."""
         self.channel.send(schema.ImportPath())
-        step = limits.RPC_CHUNK
-        for data in chunks:
-            for start in range(0, len(data), step):
-                self.channel.send(schema.Chunk(data[start:start + step]))
+        self._send_chunks(chunks)
         self.channel.send(schema.End())
         try:
             request = meta()

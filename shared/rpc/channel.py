@@ -54,6 +54,7 @@ class Channel:
     """
 
     RECV_SIZE = 64 * 1024  # below malloc's mmap threshold (see limits.RECV_CHUNK)
+    BULK_READ = 1024 * 1024  # the largest single read of a large frame's rest
 
     def __init__(self, read_fd: int, write_fd: int):
         self.read_fd = read_fd
@@ -83,10 +84,23 @@ class Channel:
         header_size = codec.HEADER.size
         self._fill(header_size, first=True)
         length = codec.frame_length(bytes(self._buf[:header_size]))
-        self._fill(header_size + length, first=False)
-        payload = bytes(self._buf[header_size:header_size + length])
-        del self._buf[:header_size + length]
-        return payload
+        end = header_size + length
+        if len(self._buf) >= end:  # a small frame, whole in the buffer
+            payload = bytes(self._buf[header_size:end])
+            del self._buf[:end]
+            return payload
+        # A large frame (bulk data): read exactly its rest, in pieces as they
+        # arrive (nothing allocated ahead from the header), joined once.
+        parts = [bytes(self._buf[header_size:])]
+        have = len(parts[0])
+        self._buf.clear()
+        while have < length:
+            chunk = os.read(self.read_fd, min(length - have, self.BULK_READ))
+            if not chunk:
+                raise WorkerViolation("RPC channel closed mid-frame")
+            parts.append(chunk)
+            have += len(chunk)
+        return b"".join(parts)
 
     def peer_closed(self) -> bool:
         """After a selector found the channel readable: whether the peer

@@ -23,12 +23,15 @@ _request_decoder = msgspec.msgpack.Decoder(schema.Request)
 _reply_decoder = msgspec.msgpack.Decoder(schema.Reply)
 
 
-def encode(message) -> bytes:
+def encode(message) -> bytearray:
     """Return one whole frame (header and payload) for ``message``."""
-    payload = _encoder.encode(message)
-    if len(payload) > limits.RPC_FRAME_MAX:
-        raise ValueError(f"RPC message of {len(payload)} bytes is too large")
-    return HEADER.pack(len(payload)) + payload
+    frame = bytearray(HEADER.size)
+    _encoder.encode_into(message, frame, HEADER.size)  # no second copy for the header
+    length = len(frame) - HEADER.size
+    if length > limits.RPC_FRAME_MAX:
+        raise ValueError(f"RPC message of {length} bytes is too large")
+    HEADER.pack_into(frame, 0, length)
+    return frame
 
 
 def frame_length(header: bytes) -> int:

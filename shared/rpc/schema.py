@@ -147,8 +147,9 @@ class AddToStore(_Msg, tag=36):
 
 
 class Chunk(_Msg, tag=38):
-    """A piece of the bulk data of the current AddToStore/AddToStoreNar."""
-    data: bytes
+    """A piece of the bulk data of the current AddToStore/AddToStoreNar.
+    Decoded as a read-only view of the frame, not a copy."""
+    data: memoryview
 
 
 class End(_Msg, tag=40):

@@ -54,7 +54,7 @@ def merged(events):
     out = []
     for ev in events:
         if isinstance(ev, Contents) and out and isinstance(out[-1], Contents):
-            out[-1] = Contents(ev.path, out[-1].data + ev.data)
+            out[-1] = Contents(ev.path, bytes(out[-1].data) + bytes(ev.data))
         else:
             out.append(ev)
     return out
