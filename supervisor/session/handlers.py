@@ -30,7 +30,7 @@ def _hex_hash(db_hash: str) -> str:
     return Hash.parse(db_hash).to_base16()
 
 
-def _path_info_msg(info) -> schema.PathInfo:
+def path_info_msg(info) -> schema.PathInfo:
     return schema.PathInfo(
         path=info.path, deriver=info.deriver, nar_hash_hex=_hex_hash(info.nar_hash),
         references=list(info.references), registration_time=info.registration_time,
@@ -38,13 +38,13 @@ def _path_info_msg(info) -> schema.PathInfo:
         ca=info.ca)
 
 
-def _path(session, text: str) -> str:
+def checked_path(session, text: str) -> str:
     """A store path the worker sent, checked and in canonical form."""
     return session.full(session.store_path(text))
 
 
-def _paths(session, texts) -> list[str]:
-    return [_path(session, t) for t in texts]
+def checked_paths(session, texts) -> list[str]:
+    return [checked_path(session, t) for t in texts]
 
 
 RESTRICTED_SETTING = "ignoring the client-specified setting"
@@ -71,11 +71,11 @@ def on_set_options(session, req: schema.SetOptions):
 
 
 def on_is_valid_path(session, req: schema.IsValidPath):
-    return schema.Bool(session.db.is_valid(_path(session, req.path)))
+    return schema.Bool(session.db.is_valid(checked_path(session, req.path)))
 
 
 def on_query_valid_paths(session, req: schema.QueryValidPaths):
-    paths = _paths(session, req.paths)
+    paths = checked_paths(session, req.paths)
     if req.substitute and session.can_substitute():
         missing = [p for p in paths
                    if not p.endswith(".drv") and p not in session.db.valid_subset([p])]
@@ -87,12 +87,12 @@ def on_query_valid_paths(session, req: schema.QueryValidPaths):
 
 
 def on_query_path_info(session, req: schema.QueryPathInfo):
-    info = session.db.query_path_info(_path(session, req.path))
-    return schema.MaybePathInfo(None if info is None else _path_info_msg(info))
+    info = session.db.query_path_info(checked_path(session, req.path))
+    return schema.MaybePathInfo(None if info is None else path_info_msg(info))
 
 
 def on_query_referrers(session, req: schema.QueryReferrers):
-    return schema.Paths(session.db.query_referrers(_path(session, req.path)))
+    return schema.Paths(session.db.query_referrers(checked_path(session, req.path)))
 
 
 def on_query_path_from_hash_part(session, req: schema.QueryPathFromHashPart):
@@ -111,14 +111,14 @@ def on_query_all_valid_paths(session, req: schema.QueryAllValidPaths):
 
 
 def on_query_deriver(session, req: schema.QueryDeriver):
-    path = _path(session, req.path)
+    path = checked_path(session, req.path)
     if not session.db.is_valid(path):
         raise StoreRefusal(f"path '{path}' is not valid")
     return schema.OptPath(session.db.query_deriver(path))
 
 
 def on_query_valid_derivers(session, req: schema.QueryValidDerivers):
-    return schema.Paths(session.db.query_valid_derivers(_path(session, req.path)))
+    return schema.Paths(session.db.query_valid_derivers(checked_path(session, req.path)))
 
 
 def on_query_derivation_output_map(session, req: schema.QueryDerivationOutputMap):
@@ -137,14 +137,14 @@ def on_query_derivation_output_map(session, req: schema.QueryDerivationOutputMap
 
 
 def on_query_substitutable_paths(session, req: schema.QuerySubstitutablePaths):
-    paths = _paths(session, req.paths)
+    paths = checked_paths(session, req.paths)
     if not session.can_substitute():
         return schema.Paths([])
     return schema.Paths(sorted(session.substituters.query_substitutable(paths)))
 
 
 def on_query_substitutable_path_infos(session, req: schema.QuerySubstitutablePathInfos):
-    paths = _paths(session, [p for p, _ in req.paths])
+    paths = checked_paths(session, [p for p, _ in req.paths])
     if not session.can_substitute():
         return schema.SubstitutableInfos([])
     infos = session.substituters.query_infos(paths, dict(req.paths))
@@ -164,7 +164,7 @@ def on_query_missing(session, req: schema.QueryMissing):
 
 
 def on_add_temp_root(session, req: schema.AddTempRoot):
-    session.temp_roots.add(_path(session, req.path))
+    session.temp_roots.add(checked_path(session, req.path))
     return schema.Ok()
 
 
@@ -187,13 +187,13 @@ def on_query_realisation(session, req: schema.QueryRealisation):
 
 
 def on_register_drv_output(session, req: schema.RegisterDrvOutput):
-    path = _path(session, req.out_path)
+    path = checked_path(session, req.out_path)
     if not session.settings.feature_enabled("ca-derivations"):
         raise StoreRefusal("experimental Nix feature 'ca-derivations' is disabled; use "
                            "'--extra-experimental-features ca-derivations' to override")
     if not session.db.is_valid(path):
         raise StoreRefusal(f"path '{path}' is not valid")
-    dependents = [(_check_drv_hash(h_), name, _path(session, p))
+    dependents = [(_check_drv_hash(h_), name, checked_path(session, p))
                   for h_, name, p in req.dependents]
     session.db.ensure_ca_schema()
     session.db.register_realisation(_check_drv_hash(req.drv_hash), req.output, path,
@@ -202,7 +202,7 @@ def on_register_drv_output(session, req: schema.RegisterDrvOutput):
 
 
 def on_check_nar_readable(session, req: schema.CheckNarReadable):
-    path = _path(session, req.path)
+    path = checked_path(session, req.path)
     if not session.db.is_valid(path):
         raise StoreRefusal(f"path '{path}' is not valid")
     session.temp_roots.add(path)
@@ -215,15 +215,15 @@ def _nar_claim(session, req):
     from nixwarden.shared.hashes import Hash, HashAlgo
     from nixwarden.shared.storepath import ContentAddress
     from nixwarden.supervisor.store.adding import NarClaim
-    path = _path(session, req.path)
-    deriver = _path(session, req.deriver) if req.deriver else None
+    path = checked_path(session, req.path)
+    deriver = checked_path(session, req.deriver) if req.deriver else None
     try:
         nar_hash = Hash.parse(req.nar_hash, HashAlgo.SHA256)
         ca = ContentAddress.parse(req.ca) if req.ca else None
     except ValueError as exc:
         raise StoreRefusal(str(exc)) from None
     trusted = session.identity.trusted
-    return NarClaim(path, deriver, nar_hash, tuple(sorted(set(_paths(session, req.references)))),
+    return NarClaim(path, deriver, nar_hash, tuple(sorted(set(checked_paths(session, req.references)))),
                     req.registration_time, req.nar_size, req.ultimate and trusted,
                     tuple(req.sigs), ca)
 
@@ -248,7 +248,7 @@ def on_add_to_store(session, req: schema.AddToStore):
     chunks = session.stream()
     try:
         method = ContentAddressMethod.parse(req.method)
-        refs = _paths(session, req.references)
+        refs = checked_paths(session, req.references)
     except ValueError as exc:
         for _ in chunks:
             pass
@@ -256,11 +256,11 @@ def on_add_to_store(session, req: schema.AddToStore):
     info = session.writer.add_content(req.name, method, refs, chunks, nar_input=req.nar_input,
                                       repair=req.repair and session.identity.trusted)
     session.note_added(info.path)
-    return _path_info_msg(info)
+    return path_info_msg(info)
 
 
 def on_add_signatures(session, req: schema.AddSignatures):
-    path = _path(session, req.path)
+    path = checked_path(session, req.path)
     if not session.db.is_valid(path):
         raise StoreRefusal(f"path '{path}' is not valid")
     session.db.add_signatures(path, req.sigs)
@@ -281,9 +281,9 @@ def on_import_path(session, req: schema.ImportPath):
             raise StoreRefusal("the client's export record was refused after its NAR")
         if not isinstance(meta, schema.ImportPathMeta):
             raise WorkerViolation(f"{type(meta).__name__} where ImportPathMeta belongs")
-        path = _path(session, meta.path)
-        deriver = _path(session, meta.deriver) if meta.deriver else None
-        refs = tuple(sorted(set(_paths(session, meta.references))))
+        path = checked_path(session, meta.path)
+        deriver = checked_path(session, meta.deriver) if meta.deriver else None
+        refs = tuple(sorted(set(checked_paths(session, meta.references))))
         imported.append(path)
         return NarClaim(path, deriver, nar_hash, refs, 0, nar_size, False, (), None)
 
@@ -300,7 +300,7 @@ def _show_paths(paths) -> str:
     return ", ".join(f"'{p}'" for p in sorted(paths))
 
 
-def _check_targets(session, targets: list[str]) -> list[str]:
+def check_targets(session, targets: list[str]) -> list[str]:
     for text in targets:
         path, bang, outputs = text.partition("!")
         sp = session.store_path(path)
@@ -309,13 +309,13 @@ def _check_targets(session, targets: list[str]) -> list[str]:
     return targets
 
 
-def _realise(session, targets: list[str], mode: int):
+def realise(session, targets: list[str], mode: int):
     from nixwarden.supervisor.build.realise import Realiser
     if mode == 1 and not session.identity.trusted:
         raise StoreRefusal("repairing is not allowed because you are not in 'trusted-users'")
     if mode not in (0, 1, 2):
         raise WorkerViolation(f"unknown build mode {mode}")
-    return Realiser(session).build(_check_targets(session, targets), mode)
+    return Realiser(session).build(check_targets(session, targets), mode)
 
 
 def _result_msg(outcome) -> schema.BuildResult:
@@ -326,7 +326,7 @@ def _result_msg(outcome) -> schema.BuildResult:
 
 
 def on_build_paths(session, req: schema.BuildPaths):
-    return build_paths_reply(session, req, _realise(session, req.targets, req.mode))
+    return build_paths_reply(session, req, realise(session, req.targets, req.mode))
 
 
 def build_paths_reply(session, req: schema.BuildPaths, results):
@@ -351,7 +351,7 @@ def build_paths_reply(session, req: schema.BuildPaths, results):
 
 
 def on_ensure_path(session, req: schema.EnsurePath):
-    path = _path(session, req.path)
+    path = checked_path(session, req.path)
     if not session.db.is_valid(path):
         error = session.substitute([path]).get(path) if session.can_substitute() else None
         if error is not None or not session.db.is_valid(path):
@@ -384,7 +384,7 @@ def on_collect_garbage(session, req: schema.CollectGarbage):
         raise WorkerViolation(f"unknown GC action {req.action}")
     if req.ignore_liveness:
         raise StoreRefusal("you are not allowed to ignore liveness")
-    paths = _paths(session, req.paths)
+    paths = checked_paths(session, req.paths)
     s = session.settings
     collector = gc.Collector(session.layout, session.db,
                              keep_outputs=bool(s.get("keep-outputs")),
@@ -396,7 +396,7 @@ def on_collect_garbage(session, req: schema.CollectGarbage):
 
 def on_add_perm_root(session, req: schema.AddPermRoot):
     from nixwarden.supervisor.store import roots
-    path = _path(session, req.path)
+    path = checked_path(session, req.path)
     link = roots.check_link_path(req.link)
     if session.store_dir.is_in_store(link):
         raise StoreRefusal(f"creating a garbage collector root ({link}) in the Nix store "
@@ -451,7 +451,7 @@ def on_add_build_log(session, req: schema.AddBuildLog):
     return schema.Ok()
 
 
-def _refuse_build_log(session, req: schema.AddBuildLog):
+def refuse_build_log(session, req: schema.AddBuildLog):
     for _ in session.stream():  # keep the stream in sync before refusing
         pass
     raise StoreRefusal("you are not privileged to add logs")
@@ -472,7 +472,7 @@ def on_build_derivation(session, req: schema.BuildDerivation):
     try:
         outputs = {o.name: DerivationOutput(o.path or None, o.hash_algo, o.hash)
                    for o in req.outputs}
-        drv = Derivation(outputs, {}, tuple(_paths(session, req.input_srcs)), req.platform,
+        drv = Derivation(outputs, {}, tuple(checked_paths(session, req.input_srcs)), req.platform,
                          req.builder, tuple(req.args), dict(req.env),
                          drv_sp.name[:-len(".drv")])
         kind = drv.type()

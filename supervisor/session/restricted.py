@@ -56,7 +56,7 @@ def _error(text: str):
 
 
 def _allowed(session, text: str) -> str | None:
-    path = h._path(session, text)
+    path = h.checked_path(session, text)
     return path if path in session.restriction.allowed else None
 
 
@@ -66,7 +66,7 @@ def _on_is_valid_path(session, req: schema.IsValidPath):
 
 
 def _on_query_valid_paths(session, req: schema.QueryValidPaths):
-    wanted = [p for p in h._paths(session, req.paths) if p in session.restriction.allowed]
+    wanted = [p for p in h.checked_paths(session, req.paths) if p in session.restriction.allowed]
     return schema.Paths(sorted(session.db.valid_subset(wanted)))
 
 
@@ -76,13 +76,13 @@ def _on_query_path_info(session, req: schema.QueryPathInfo):
     if info is None:
         return schema.MaybePathInfo(None)
     censored = replace(info, deriver=None, registration_time=0, ultimate=False, sigs=())
-    return schema.MaybePathInfo(h._path_info_msg(censored))
+    return schema.MaybePathInfo(h.path_info_msg(censored))
 
 
 def _on_query_deriver(session, req: schema.QueryDeriver):
     path = _allowed(session, req.path)
     if path is None or not session.db.is_valid(path):
-        raise StoreRefusal(f"path '{h._path(session, req.path)}' is not valid")
+        raise StoreRefusal(f"path '{h.checked_path(session, req.path)}' is not valid")
     return schema.OptPath(None)  # censored, as path infos are
 
 
@@ -93,7 +93,7 @@ def _on_query_all_valid_paths(session, req):
 def _on_query_derivation_output_map(session, req: schema.QueryDerivationOutputMap):
     if _allowed(session, req.path) is None:
         raise StoreRefusal(f"cannot query output map for unknown path "
-                           f"'{h._path(session, req.path)}' in recursive Nix")
+                           f"'{h.checked_path(session, req.path)}' in recursive Nix")
     return h.on_query_derivation_output_map(session, req)
 
 
@@ -103,7 +103,7 @@ def _on_query_missing(session, req: schema.QueryMissing):
         path = target.partition("!")[0]
         (allowed if _allowed(session, path) else unknown).append(target)
     missing = h.on_query_missing(session, schema.QueryMissing(allowed))
-    unknown_paths = {h._path(session, t.partition("!")[0]) for t in unknown}
+    unknown_paths = {h.checked_path(session, t.partition("!")[0]) for t in unknown}
     return msgspec.structs.replace(missing, unknown=sorted(set(missing.unknown) | unknown_paths))
 
 
@@ -117,14 +117,14 @@ def _on_query_realisation(session, req: schema.QueryRealisation):
 
 def _on_check_nar_readable(session, req: schema.CheckNarReadable):
     if _allowed(session, req.path) is None:
-        raise StoreRefusal(f"cannot dump unknown path '{h._path(session, req.path)}' "
+        raise StoreRefusal(f"cannot dump unknown path '{h.checked_path(session, req.path)}' "
                            "in recursive Nix")
     return h.on_check_nar_readable(session, req)
 
 
 def _on_ensure_path(session, req: schema.EnsurePath):
     if _allowed(session, req.path) is None:
-        raise StoreRefusal(f"cannot substitute unknown path '{h._path(session, req.path)}' "
+        raise StoreRefusal(f"cannot substitute unknown path '{h.checked_path(session, req.path)}' "
                            "in recursive Nix")
     return schema.Ok()  # an allowed path is valid already
 
@@ -132,11 +132,11 @@ def _on_ensure_path(session, req: schema.EnsurePath):
 def _on_build_paths(session, req: schema.BuildPaths):
     if req.mode != 0:
         raise StoreRefusal("unsupported build mode")
-    for target in h._check_targets(session, req.targets):
+    for target in h.check_targets(session, req.targets):
         if _allowed(session, target.partition("!")[0]) is None:
             raise StoreRefusal(f"cannot build '{target}' in recursive Nix because path "
                                "is unknown")
-    results = h._realise(session, req.targets, req.mode)
+    results = h.realise(session, req.targets, req.mode)
     built = {p for _, outcome in results for p in outcome.outputs.values() if p}
     for path in sorted(session.db.closure(built)):
         session.restriction.note(path)

@@ -54,7 +54,7 @@ RULES: dict[type, Rule] = {
     schema.Goodbye: Rule(h.on_goodbye),
     schema.RegisterDrvOutput: Rule(h.on_register_drv_output),
     schema.VerifyStore: Rule(h.on_verify_store),
-    schema.AddBuildLog: Rule(h.on_add_build_log, untrusted=h._refuse_build_log),
+    schema.AddBuildLog: Rule(h.on_add_build_log, untrusted=h.refuse_build_log),
     # CppNix refuses AddPermRoot for untrusted clients: the daemon would
     # create the link as root wherever the client names.
     schema.AddPermRoot: Rule(h.on_add_perm_root, trusted_only=True,
