@@ -20,6 +20,8 @@ import traceback
 import tty
 from dataclasses import dataclass
 
+from nixwarden.shared.wire import primitives as w
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -70,6 +72,20 @@ def _spawn(launch: Launch, slave: int) -> int | None:
     return proc.pid
 
 
+def exec_failure(program: str, reason: str) -> bytes:
+    """What a Nix 2.8 builder child writes when exec fails: ``\\1`` and a
+    newline, then the error serialised as on the worker protocol.  (Nix's
+    parent parses it only for sandboxed builds, so with ``sandbox = false``
+    the raw bytes are what its build log shows; so do ours.)"""
+    hint = f"executing '{_HL}{program}{_PLAIN}': {_HL}{reason}{_PLAIN}"
+    frame = (w.w_str("Error") + w.w_u64(0) + w.w_str("Error") + w.w_str(hint)
+             + w.w_u64(0) + w.w_u64(0))
+    return b"\x01\n" + frame
+
+
+_HL, _PLAIN = "\x1b[35;1m", "\x1b[0m"  # Nix's ANSI_WARNING, ANSI_NORMAL
+
+
 def _no_core_dumps() -> None:
     """Builders never dump core: set once in the session, inherited by each."""
     if resource.getrlimit(resource.RLIMIT_CORE) != (0, 0):
@@ -98,7 +114,7 @@ def _child(launch: Launch, slave: int) -> None:
             try:
                 os.execve(launch.argv[0], argv, launch.env)
             except OSError as exc:
-                os.write(2, f"error: executing '{launch.argv[0]}': {exc.strerror}\n".encode())
+                os.write(2, exec_failure(launch.argv[0], exc.strerror or str(exc)))
                 code = 1
     except BaseException as exc:  # report to the build log, never return
         try:

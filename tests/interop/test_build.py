@@ -89,6 +89,12 @@ rec {
   concurrent = mk "concurrent" "echo run >> @SIDE@/runs; /bin/sleep 2; echo done > $out" {};
 
   dry = mk "dry" "echo ${c3} ${other} > $out" {};
+
+  noBuilder = derivation {
+    name = "no-builder";
+    system = builtins.currentSystem;
+    builder = "/nonexistent/builder";
+  };
 }
 """
 
@@ -199,6 +205,7 @@ STEPS = {
     "dry_before": cli("nix-build", "{expr}", "-A", "dry", "--dry-run"),
     "trivial": cli("nix-build", "{expr}", "-A", "trivial", "--no-out-link"),
     "trivial_again": cli("nix-build", "{expr}", "-A", "trivial", "--no-out-link"),
+    "no_builder": cli("nix-build", "{expr}", "-A", "noBuilder", "--no-out-link"),
     "chain": cli("nix", "build", "-f", "{expr}", "c3", "--no-link", "--json"),
     "chain_closure": cli("nix", "path-info", "-r", "-f", "{expr}", "c3"),
     "dry_after": cli("nix-build", "{expr}", "-A", "dry", "--dry-run"),
@@ -294,6 +301,13 @@ def test_store_metadata_and_verify(both):
 
 
 # --- the steps -------------------------------------------------------------------
+
+
+def test_missing_builder_reported_as_nix_daemon(both):
+    """Nix 2.8 (unsandboxed) shows the child's serialised exec error raw."""
+    rc, _, err = _same(both, "no_builder")
+    assert rc != 0
+    assert "executing '/nonexistent/builder': No such file or directory" in err
 
 
 def test_trivial(both):
