@@ -20,8 +20,6 @@ import traceback
 import tty
 from dataclasses import dataclass
 
-from nixwarden.shared.wire import primitives as w
-
 
 @dataclass(frozen=True)
 class Launch:
@@ -78,9 +76,19 @@ def exec_failure(program: str, reason: str) -> bytes:
     parent parses it only for sandboxed builds, so with ``sandbox = false``
     the raw bytes are what its build log shows; so do ours.)"""
     hint = f"executing '{_HL}{program}{_PLAIN}': {_HL}{reason}{_PLAIN}"
-    frame = (w.w_str("Error") + w.w_u64(0) + w.w_str("Error") + w.w_str(hint)
-             + w.w_u64(0) + w.w_u64(0))
+    frame = (_text("Error") + _u64(0) + _text("Error") + _text(hint)  # type, level, name, msg
+             + _u64(0) + _u64(0))  # no position, no traces
     return b"\x01\n" + frame
+
+
+def _u64(value: int) -> bytes:
+    return value.to_bytes(8, "little")
+
+
+def _text(text: str) -> bytes:
+    """A Nix serialised string (the supervisor never imports the client wire codec)."""
+    data = text.encode(errors="surrogateescape")
+    return _u64(len(data)) + data + bytes(-len(data) % 8)
 
 
 _HL, _PLAIN = "\x1b[35;1m", "\x1b[0m"  # Nix's ANSI_WARNING, ANSI_NORMAL
