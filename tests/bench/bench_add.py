@@ -58,23 +58,9 @@ import sys
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.dirname(HERE)
-DEFAULT_VENV_PYTHON = "/opt/nixwarden/venv/bin/python"
+import common  # noqa: E402  (tests/bench/common.py)
 
-
-def _ensure_nixwarden_importable() -> None:
-    """Re-run under the nixwarden venv when started with a plain python."""
-    try:
-        import nixwarden.supervisor  # noqa: F401
-    except ImportError:
-        if os.path.exists(DEFAULT_VENV_PYTHON) and sys.executable != DEFAULT_VENV_PYTHON:
-            os.execv(DEFAULT_VENV_PYTHON, [DEFAULT_VENV_PYTHON] + sys.argv)
-        sys.exit(f"bench: nixwarden is not importable (use {DEFAULT_VENV_PYTHON})")
-
-
-_ensure_nixwarden_importable()
-sys.path.insert(0, TESTS)
+common.bootstrap()
 
 from lib.gcscen import chains_stream  # noqa: E402
 from lib.nixenv import NixEnv, new_root, start_nix_daemon, start_nixwarden  # noqa: E402
@@ -225,14 +211,8 @@ def nar_from_path(env: NixEnv, path: str) -> float:
 # --- report --------------------------------------------------------------------------------
 
 
-def nix_version() -> str:
-    out = subprocess.run(["nix-daemon", "--version"], capture_output=True, text=True)
-    return out.stdout.strip().split()[-1] if out.returncode == 0 else "?"
-
-
 def row(label: str, nw: float, nd: float, fmt: str) -> str:
-    ratio = nw / nd if nd else float("nan")
-    return f"{label:<46} {fmt.format(nw):>12} {fmt.format(nd):>12} {ratio:>8.2f}"
+    return common.row(label, nw, nd, fmt, width=46)
 
 
 def main() -> int:
@@ -357,7 +337,7 @@ def main() -> int:
         "nar": f"NarFromPath, {args.big_mib} MiB path (op 38)",
     }
     print()
-    print(f"nixwarden vs nix-daemon {nix_version()}: {os.cpu_count()} CPUs, "
+    print(f"nixwarden vs nix-daemon {common.nix_version()}: {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, {args.rounds} timed rounds + 1 memory round, "
           f"total {time.perf_counter() - t_start:.0f}s")
     print(f"{'wall time, median (s)':<46} {'nixwarden':>12} {'nix-daemon':>12} {'nw/nd':>8}")

@@ -29,22 +29,9 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.dirname(HERE)
-DEFAULT_VENV_PYTHON = "/opt/nixwarden/venv/bin/python"
+import common  # noqa: E402  (tests/bench/common.py)
 
-
-def _ensure_nixwarden_importable() -> None:
-    try:
-        import nixwarden.supervisor  # noqa: F401
-    except ImportError:
-        if os.path.exists(DEFAULT_VENV_PYTHON) and sys.executable != DEFAULT_VENV_PYTHON:
-            os.execv(DEFAULT_VENV_PYTHON, [DEFAULT_VENV_PYTHON] + sys.argv)
-        sys.exit(f"bench: nixwarden is not importable (use {DEFAULT_VENV_PYTHON})")
-
-
-_ensure_nixwarden_importable()
-sys.path.insert(0, TESTS)
+common.bootstrap()
 
 from lib.builds import write_expr  # noqa: E402
 from lib.nixenv import NixEnv, new_root, start_nix_daemon, start_nixwarden  # noqa: E402

@@ -37,24 +37,9 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.dirname(HERE)
-DEFAULT_VENV_PYTHON = "/opt/nixwarden/venv/bin/python"
+import common  # noqa: E402  (tests/bench/common.py)
 
-
-def _ensure_nixwarden_importable() -> None:
-    """Re-run under the nixwarden venv when started with a plain python."""
-    try:
-        import nixwarden.supervisor  # noqa: F401
-    except ImportError:
-        if os.path.exists(DEFAULT_VENV_PYTHON) and sys.executable != DEFAULT_VENV_PYTHON:
-            os.execv(DEFAULT_VENV_PYTHON, [DEFAULT_VENV_PYTHON] + sys.argv)
-        sys.exit("bench: nixwarden is not importable (run tests/run once, or use "
-                 f"{DEFAULT_VENV_PYTHON})")
-
-
-_ensure_nixwarden_importable()
-sys.path.insert(0, TESTS)
+common.bootstrap()
 
 from lib.nixenv import NixEnv, new_root, start_nix_daemon, start_nixwarden  # noqa: E402
 from lib.wclient import WClient  # noqa: E402
@@ -220,9 +205,6 @@ def idle_connection_memory(env: NixEnv, pid: int, conns: int) -> tuple[float, fl
 # --- report -----------------------------------------------------------------------------
 
 
-def nix_version() -> str:
-    out = subprocess.run(["nix-daemon", "--version"], capture_output=True, text=True)
-    return out.stdout.strip().split()[-1] if out.returncode == 0 else "?"
 
 
 def nixwarden_version() -> str:
@@ -233,9 +215,6 @@ def nixwarden_version() -> str:
         return "?"
 
 
-def row(label: str, nw: float, nd: float, fmt: str = "{:.2f}") -> str:
-    ratio = nw / nd if nd else float("nan")
-    return f"{label:<44} {fmt.format(nw):>12} {fmt.format(nd):>12} {ratio:>8.2f}"
 
 
 def main() -> int:
@@ -293,21 +272,21 @@ def main() -> int:
         shutil.rmtree(root_nd, ignore_errors=True)
 
     nw, nd = results["nixwarden"], results["nix-daemon"]
-    print(f"nixwarden {nixwarden_version()} vs nix-daemon {nix_version()}: "
+    print(f"nixwarden {nixwarden_version()} vs nix-daemon {common.nix_version()}: "
           f"{args.paths} paths per store, protocol 1.{MINOR} client, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"{args.rounds} rounds")
     print(f"{'metric':<44} {'nixwarden':>12} {'nix-daemon':>12} {'nw/nd':>8}")
-    print(row(f"connect+handshake latency, median (ms) N={HANDSHAKE_N}", nw["lat"], nd["lat"],
-              "{:.3f}"))
-    print(row("connect+handshake latency, p90 (ms)", nw["lat90"], nd["lat90"], "{:.3f}"))
+    print(common.row(f"connect+handshake latency, median (ms) N={HANDSHAKE_N}",
+                     nw["lat"], nd["lat"], "{:.3f}"))
+    print(common.row("connect+handshake latency, p90 (ms)", nw["lat90"], nd["lat90"], "{:.3f}"))
     for op in ("IsValidPath", "QueryPathInfo"):
-        print(row(f"{op}/s, 1 connection (N={SINGLE_N})", nw[f"{op}1"], nd[f"{op}1"],
+        print(common.row(f"{op}/s, 1 connection (N={SINGLE_N})", nw[f"{op}1"], nd[f"{op}1"],
                   "{:.0f}"))
-        print(row(f"{op}/s, {CONCURRENT_CONNS} connections (total)",
+        print(common.row(f"{op}/s, {CONCURRENT_CONNS} connections (total)",
                   nw[f"{op}16"], nd[f"{op}16"], "{:.0f}"))
-    print(row("private memory per idle connection (KiB)", nw["mem"], nd["mem"], "{:.0f}"))
-    print(row("Pss per idle connection (KiB)", nw["pss"], nd["pss"], "{:.0f}"))
+    print(common.row("private memory per idle connection (KiB)", nw["mem"], nd["mem"], "{:.0f}"))
+    print(common.row("Pss per idle connection (KiB)", nw["pss"], nd["pss"], "{:.0f}"))
     print(f"(processes: nixwarden {nw['procs0']} idle -> {nw['procs']} with {IDLE_CONNS} "
           f"connections; nix-daemon {nd['procs0']} -> {nd['procs']})")
     print("ratio = nixwarden / nix-daemon: > 1 is better for /s rows, < 1 for latency "

@@ -33,22 +33,9 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.dirname(HERE)
-DEFAULT_VENV_PYTHON = "/opt/nixwarden/venv/bin/python"
+import common  # noqa: E402  (tests/bench/common.py)
 
-
-def _ensure_nixwarden_importable() -> None:
-    try:
-        import nixwarden.supervisor  # noqa: F401
-    except ImportError:
-        if os.path.exists(DEFAULT_VENV_PYTHON) and sys.executable != DEFAULT_VENV_PYTHON:
-            os.execv(DEFAULT_VENV_PYTHON, [DEFAULT_VENV_PYTHON] + sys.argv)
-        sys.exit("bench: nixwarden is not importable")
-
-
-_ensure_nixwarden_importable()
-sys.path.insert(0, TESTS)
+common.bootstrap()
 
 from lib.gcscen import add_files_local, chains_stream, import_local  # noqa: E402
 from lib.nixenv import NixEnv, new_root, start_nix_daemon, start_nixwarden  # noqa: E402
