@@ -26,7 +26,7 @@ import pytest
 
 from conftest import needs_nix, needs_root
 from lib.accounts import ensure_user
-from lib.cacheworld import COMPRESSIONS, CacheWorld, serve, stop
+from lib.cacheworld import COMPRESSIONS, module_fixtures
 from lib.differential import cli, run_both
 from lib.wclient import DaemonError, WClient
 
@@ -36,18 +36,7 @@ ROOT = f"/tmp/nwt-subst-{os.getpid()}"
 USER = "nwtest-subst"
 
 
-@pytest.fixture(scope="module")
-def world():
-    w = CacheWorld(ROOT, ROOT + "-side")
-    yield w
-    w.cleanup()
-
-
-@pytest.fixture(scope="module")
-def server(world):
-    proc, url = serve(world.caches)
-    yield url
-    stop(proc)
+world, server = module_fixtures(ROOT)
 
 
 @pytest.fixture(scope="module")

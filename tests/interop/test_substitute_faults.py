@@ -24,7 +24,7 @@ import re
 import pytest
 
 from conftest import needs_nix, needs_root
-from lib.cacheworld import CacheWorld, edit, serve, stop
+from lib.cacheworld import edit, module_fixtures
 from lib.differential import cli, run_both
 
 pytestmark = [needs_nix, needs_root, pytest.mark.interop]
@@ -33,18 +33,7 @@ ROOT = f"/tmp/nwt-substf-{os.getpid()}"
 MODES = ("500", "stall", "truncate", "corrupt-xz", "corrupt-none")
 
 
-@pytest.fixture(scope="module")
-def world():
-    w = CacheWorld(ROOT, ROOT + "-side")
-    yield w
-    w.cleanup()
-
-
-@pytest.fixture(scope="module")
-def server(world):
-    proc, url = serve(world.caches)
-    yield url
-    stop(proc)
+world, server = module_fixtures(ROOT)
 
 
 def _clean(text: str) -> str:

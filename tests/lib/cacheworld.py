@@ -27,6 +27,8 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
 from lib.nixenv import NixEnv
 
 EXPR = r"""
@@ -200,3 +202,22 @@ def serve(directory: str):
 
 def stop(proc) -> None:
     cacheserver.stop(proc)
+
+
+def module_fixtures(root: str):
+    """The module-scoped fixtures ``world`` (a ``CacheWorld`` under ``root``,
+    its side directory beside it) and ``server`` (its caches over loopback
+    HTTP); a test module assigns them to those names."""
+    @pytest.fixture(scope="module")
+    def world():
+        w = CacheWorld(root, root + "-side")
+        yield w
+        w.cleanup()
+
+    @pytest.fixture(scope="module")
+    def server(world):
+        proc, url = serve(world.caches)
+        yield url
+        stop(proc)
+
+    return world, server
