@@ -147,14 +147,7 @@ class Realiser:
             for _, target in plan.targets:
                 if not isinstance(target, str):
                     target.check = True
-        act = self.client.start(Verbosity.ERROR, ActivityType.REALISE)
-        self.builds_act = self.client.start(Verbosity.ERROR, ActivityType.BUILDS, "", (),
-                                            act)
-        try:
-            self._run(plan, mode)
-        finally:
-            self.client.stop(self.builds_act)
-            self.client.stop(act)
+        self._run_reported(plan, mode)
         return [(text, self._target_outcome(target)) for text, target in plan.targets]
 
     def repair_outputs(self, drv_path: str) -> bool:
@@ -163,13 +156,7 @@ class Realiser:
         plan = g.Planner(self, check=True).plan([drv_path + "!*"])
         goal = plan.targets[0][1]
         goal.check = goal.repair = True
-        act = self.client.start(Verbosity.ERROR, ActivityType.REALISE)
-        self.builds_act = self.client.start(Verbosity.ERROR, ActivityType.BUILDS, "", (), act)
-        try:
-            self._run(plan, CHECK)
-        finally:
-            self.client.stop(self.builds_act)
-            self.client.stop(act)
+        self._run_reported(plan, CHECK)
         return bool(goal.outcome and goal.outcome.ok)
 
     def build_basic(self, drv_path: str, drv, mode: int) -> g.Outcome:
@@ -180,6 +167,11 @@ class Realiser:
                          check=mode == CHECK)
         self._drvs[drv_path] = drv
         plan = g.Plan({drv_path: goal}, [(drv_path + "!*", goal)])
+        self._run_reported(plan, mode)
+        return self._target_outcome(goal)
+
+    def _run_reported(self, plan: g.Plan, mode: int) -> None:
+        """Run ``plan`` inside the realise and builds activities Nix shows."""
         act = self.client.start(Verbosity.ERROR, ActivityType.REALISE)
         self.builds_act = self.client.start(Verbosity.ERROR, ActivityType.BUILDS, "", (), act)
         try:
@@ -187,7 +179,6 @@ class Realiser:
         finally:
             self.client.stop(self.builds_act)
             self.client.stop(act)
-        return self._target_outcome(goal)
 
     def _target_outcome(self, target) -> g.Outcome:
         if isinstance(target, str):
