@@ -222,10 +222,7 @@ def main() -> int:
     ap.add_argument("--big-mib", type=int, default=256, help="size of the big file")
     ap.add_argument("--closure", type=int, default=1000, help="paths in the copied closure")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench: run as root (nixwarden drops its workers to the nixwarden account)")
-    if shutil.which("nix-daemon") is None or shutil.which("nix-store") is None:
-        sys.exit("bench: needs the real Nix (apt-get install nix-bin)")
+    common.require_root_and_nix()
 
     base = new_root("nwbench-add-")
     os.chmod(base, 0o755)

@@ -222,10 +222,7 @@ def main() -> int:
     ap.add_argument("--paths", type=int, default=200, help="store paths per store")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per throughput figure")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench: run as root (nixwarden drops its workers to the nixwarden account)")
-    if shutil.which("nix-daemon") is None or shutil.which("nix-store") is None:
-        sys.exit("bench: needs the real Nix (apt-get install nix-bin)")
+    common.require_root_and_nix()
 
     root_nw = new_root("nw-bench-nixwarden-")
     root_nd = new_root("nw-bench-nixdaemon-")  # same kind of location

@@ -9,6 +9,7 @@ ratio.  Not collected by pytest.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,6 +28,13 @@ def bootstrap() -> None:
                  f"{DEFAULT_VENV_PYTHON})")
     if TESTS not in sys.path:
         sys.path.insert(0, TESTS)
+
+
+def require_root_and_nix() -> None:
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (nixwarden drops its workers to the nixwarden account)")
+    if shutil.which("nix-daemon") is None or shutil.which("nix-store") is None:
+        sys.exit("bench: needs the real Nix (apt-get install nix-bin)")
 
 
 def nix_version() -> str:
