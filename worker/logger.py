@@ -13,6 +13,7 @@ ANSI_WARNING = "\x1b[35;1m"
 ANSI_NORMAL = "\x1b[0m"
 STRUCTURED_ERRORS = ProtocolVersion(1, 26)
 ACTIVITIES = ProtocolVersion(1, 20)
+_LAST = w.w_u64(Stderr.LAST)
 
 
 def warning_text(message: str) -> str:
@@ -71,7 +72,7 @@ class ClientLogger:
 
     def last(self) -> None:
         """End the work phase successfully; the response follows."""
-        self.conn.write(w.w_u64(Stderr.LAST))
+        self.conn.write(_LAST)
 
     def error(self, message: str, exit_status: int = 1) -> None:
         """End the work phase with an error in the client's format."""

@@ -29,6 +29,8 @@ class StoreClient:
         self.channel.send(request)
         while True:
             reply = codec.decode_reply(self.channel.recv_frame())
+            if type(reply) is expect:  # the usual case, first
+                return reply
             if isinstance(reply, _IN_BAND):
                 if self.logger is not None:
                     self._relay(reply)

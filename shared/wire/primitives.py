@@ -24,6 +24,7 @@ Reader = Generator[int, bytes, object]
 
 _U64 = struct.Struct("<Q")
 _ZERO_PAD = bytes(8)
+_SMALL_STRING = 4096  # read with its padding at once (copied once more to drop it)
 
 
 def u64() -> Generator[int, bytes, int]:
@@ -34,7 +35,7 @@ def u64() -> Generator[int, bytes, int]:
 
 def u32() -> Generator[int, bytes, int]:
     """Read a u64 that CppNix reads into an ``unsigned int``."""
-    value = yield from u64()
+    value = _U64.unpack((yield 8))[0]
     if value > 0xFFFFFFFF:
         raise ClientProtocolError(
             f"serialised integer {value} is too large for type 'j'")
@@ -66,10 +67,16 @@ def padding(length: int) -> Generator[int, bytes, None]:
 
 def raw_bytes(max_len: int = limits.MAX_STRING) -> Generator[int, bytes, bytes]:
     """Read a length-prefixed, zero-padded byte string of at most ``max_len``."""
-    length = yield from u64()
+    length = _U64.unpack((yield 8))[0]
     if length > max_len:
         raise ClientProtocolError(
             f"string of {length} bytes exceeds the limit of {max_len}")
+    pad = -length % 8
+    if length <= _SMALL_STRING and pad:  # data and padding in one piece
+        data = yield length + pad
+        if data[length:] != _ZERO_PAD[:pad]:
+            raise ClientProtocolError("non-zero padding")
+        return data[:length]
     data = (yield length) if length else b""
     yield from padding(length)
     return data
