@@ -293,8 +293,10 @@ class NarParser:
                 bytes after its end; also on any call after an error.
         """
         self._check_usable()
-        # Contents events may be views of ``data`` when nothing can change it.
-        self._share = isinstance(getattr(data, "obj", data), bytes)
+        # Contents events may be views of ``data`` when nothing can change
+        # it: bytes, or a read-only view (whose owner promises as much).
+        self._share = isinstance(data, bytes) or (
+            isinstance(data, memoryview) and data.readonly)
         try:
             return self._feed(memoryview(data).cast("B"))
         except BaseException as exc:

@@ -120,12 +120,26 @@ class StoreClient:
         self._call(schema.RegisterDrvOutput(drv_hash, output, path, list(sigs),
                                             [list(d) for d in dependents]), schema.Ok)
 
+    #: Pieces gathered into one Chunk at most (the client's frames may be tiny).
+    MAX_PIECES = 64
+
     def _send_chunks(self, chunks) -> None:
-        """Send bulk data as Chunk frames of at most ``RPC_CHUNK`` bytes."""
+        """Send bulk data as Chunk frames of about ``RPC_CHUNK`` bytes: the
+        pieces as they arrive are gathered (not copied) up to that size, so
+        the session handles a few large frames rather than many small ones."""
         step = limits.RPC_CHUNK
+        pieces: list = []
+        size = 0
         for data in chunks:
             for start in range(0, len(data), step):
-                self.channel.send(schema.Chunk(data[start:start + step]))
+                piece = data[start:start + step] if len(data) > step else data
+                pieces.append(piece)
+                size += len(piece)
+                if size >= step or len(pieces) >= self.MAX_PIECES:
+                    self.channel.send_chunk(pieces)
+                    pieces, size = [], 0
+        if pieces:
+            self.channel.send_chunk(pieces)
 
     def _stream(self, request, chunks, expect: type):
         """Send ``request``, then the bulk data as Chunk frames and End."""

@@ -49,12 +49,17 @@ class Channel:
 
     Reads are buffered: one ``read`` usually brings a whole small frame
     (header and payload), so a request costs one system call per side.
-    A frame larger than the buffer is accumulated as it arrives, never
-    allocated ahead from its header.
+    A frame larger than the buffer is read straight into a buffer of its
+    size when that is at most ``PREALLOCATE`` bytes (a bulk data chunk);
+    a larger one is accumulated as it arrives, so a lying header costs at
+    most ``PREALLOCATE`` bytes ahead of the data.
     """
 
     RECV_SIZE = 64 * 1024  # below malloc's mmap threshold (see limits.RECV_CHUNK)
     BULK_READ = 1024 * 1024  # the largest single read of a large frame's rest
+    #: A frame up to this size (bulk data chunks are ``limits.RPC_CHUNK``)
+    #: is read into a buffer of its size allocated from its header.
+    PREALLOCATE = 1024 * 1024
 
     def __init__(self, read_fd: int, write_fd: int):
         self.read_fd = read_fd
@@ -74,23 +79,46 @@ class Channel:
             while view:
                 view = view[os.write(self.write_fd, view):]
 
-    def recv_frame(self) -> bytes:
-        """Return the next frame's payload.
+    def send_chunk(self, pieces: list) -> None:
+        """Send one ``schema.Chunk`` whose data is ``pieces`` joined, written
+        from where the pieces lie (no frame is assembled in memory)."""
+        head = codec.chunk_frame_head(sum(len(p) for p in pieces))
+        bufs = [head, *pieces]
+        while bufs:
+            n = os.writev(self.write_fd, bufs)
+            done = 0
+            while done < len(bufs) and n >= len(bufs[done]):
+                n -= len(bufs[done])
+                done += 1
+            bufs = bufs[done:]
+            if n:
+                bufs[0] = memoryview(bufs[0])[n:]
+
+    def recv_frame(self, bulk: bool = False) -> bytes | memoryview:
+        """Return the next frame's payload: bytes, or a read-only view of a
+        buffer nothing changes after it is returned.
+
+        Args:
+            bulk: a large frame is likely (bulk data): read its header alone,
+                so that the whole payload is read straight into its buffer.
 
         Raises:
             ChannelClosed: clean end of stream before a frame.
             WorkerViolation: truncated frame or oversized header.
         """
         header_size = codec.HEADER.size
-        self._fill(header_size, first=True)
+        self._fill(header_size, first=True, exact=bulk)
         length = codec.frame_length(bytes(self._buf[:header_size]))
         end = header_size + length
         if len(self._buf) >= end:  # a small frame, whole in the buffer
-            payload = bytes(self._buf[header_size:end])
+            with memoryview(self._buf) as view:
+                payload = bytes(view[header_size:end])
             del self._buf[:end]
             return payload
-        # A large frame (bulk data): read exactly its rest, in pieces as they
-        # arrive (nothing allocated ahead from the header), joined once.
+        if length <= self.PREALLOCATE:
+            return memoryview(self._recv_rest_into(bytearray(length))).toreadonly()
+        # A larger frame: read its rest in pieces as they arrive (nothing is
+        # allocated ahead from a header that may lie), joined once.
         parts = [bytes(self._buf[header_size:])]
         have = len(parts[0])
         self._buf.clear()
@@ -102,6 +130,22 @@ class Channel:
             have += len(chunk)
         return b"".join(parts)
 
+    def _recv_rest_into(self, frame: bytearray) -> bytearray:
+        """Fill ``frame`` with the buffered start of the current frame's
+        payload, then read the rest straight into it (no copy to join)."""
+        header_size = codec.HEADER.size
+        have = len(self._buf) - header_size
+        with memoryview(frame) as view:
+            with memoryview(self._buf) as buffered:
+                view[:have] = buffered[header_size:]
+            self._buf.clear()
+            while have < len(frame):
+                n = os.readv(self.read_fd, [view[have:]])
+                if not n:
+                    raise WorkerViolation("RPC channel closed mid-frame")
+                have += n
+        return frame
+
     def peer_closed(self) -> bool:
         """After a selector found the channel readable: whether the peer
         closed it.  Bytes that did arrive are kept for ``recv_frame``."""
@@ -109,9 +153,11 @@ class Channel:
         self._buf += chunk
         return not chunk
 
-    def _fill(self, n: int, *, first: bool) -> None:
+    def _fill(self, n: int, *, first: bool, exact: bool = False) -> None:
+        """Buffer at least ``n`` bytes; exactly ``n`` (no read-ahead) if ``exact``."""
         while len(self._buf) < n:
-            chunk = os.read(self.read_fd, self.RECV_SIZE)
+            want = n - len(self._buf) if exact else self.RECV_SIZE
+            chunk = os.read(self.read_fd, want)
             if not chunk:
                 if first and not self._buf:
                     raise ChannelClosed()

@@ -34,6 +34,27 @@ def encode(message) -> bytearray:
     return frame
 
 
+#: A Chunk's payload before its data's msgpack bin header: the array of
+#: two (tag, data), as ``encode(schema.Chunk(...))`` writes it.
+_CHUNK_PREFIX = bytes(encode(schema.Chunk(memoryview(b""))))[HEADER.size:-2]
+
+
+def chunk_frame_head(length: int) -> bytes:
+    """Everything of ``encode(schema.Chunk(data))`` before ``data`` itself,
+    for ``length`` bytes of data: a sender can then write the data from
+    where it lies (``os.writev``) instead of copying it into a frame."""
+    if length < 0x100:
+        bin_head = b"\xc4" + length.to_bytes(1, "big")
+    elif length < 0x10000:
+        bin_head = b"\xc5" + length.to_bytes(2, "big")
+    else:
+        bin_head = b"\xc6" + length.to_bytes(4, "big")
+    payload = len(_CHUNK_PREFIX) + len(bin_head) + length
+    if payload > limits.RPC_FRAME_MAX:
+        raise ValueError(f"RPC message of {payload} bytes is too large")
+    return HEADER.pack(payload) + _CHUNK_PREFIX + bin_head
+
+
 def frame_length(header: bytes) -> int:
     """Check a frame header and return the payload length it announces."""
     (length,) = HEADER.unpack(header)

@@ -99,7 +99,7 @@ class Session:
         """
         from nixwarden.shared.rpc import codec, schema
         while True:
-            msg = codec.decode_request(self.channel.recv_frame())
+            msg = codec.decode_request(self.channel.recv_frame(bulk=True))
             if isinstance(msg, schema.End):
                 return
             if not isinstance(msg, schema.Chunk):
