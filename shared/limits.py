@@ -79,8 +79,9 @@ MAX_KEY_FILE = 64 * 1024
 #: this; a query answer with a very large path set is the biggest message.
 RPC_FRAME_MAX = 64 * 1024 * 1024
 
-#: Size of one bulk-data Chunk frame.
-RPC_CHUNK = 256 * 1024
+#: Size of one bulk-data Chunk frame: half the RPC pipe (channel.PIPE_SIZE),
+#: so the worker writes the next chunk while the session handles one.
+RPC_CHUNK = 128 * 1024
 
 # --- processes ----------------------------------------------------------------
 

@@ -68,24 +68,18 @@ class ClientConnection:
         self._in = parts[0] if len(parts) == 1 else b"".join(parts)
         self._pos = 0
 
-    def read_some(self, max_n: int) -> bytes:
-        """Return between 1 and ``max_n`` bytes (buffered first).
+    def read_some(self, max_n: int) -> memoryview:
+        """Return between 1 and ``max_n`` bytes (buffered first), as a
+        read-only view of the received bytes (bulk data is not copied).
 
         Raises:
             ClientProtocolError: end of input.
         """
         if self._pos == len(self._in):
             self._fill(1, False)
-        data = self._in[self._pos:self._pos + max_n]
+        data = memoryview(self._in)[self._pos:self._pos + max_n]
         self._pos += len(data)
         return data
-
-    def read_pieces(self, n: int, piece: int = limits.RECV_CHUNK):
-        """Yield exactly ``n`` bytes in pieces of at most ``piece`` bytes."""
-        while n:
-            data = self.read_some(min(n, piece))
-            n -= len(data)
-            yield data
 
     def write(self, data: bytes) -> None:
         self._out += data
