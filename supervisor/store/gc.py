@@ -15,6 +15,7 @@ worker; paths were checked by the session, liveness can never be ignored.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -27,7 +28,10 @@ from nixwarden.supervisor.store.gcroots import RootFinder
 from nixwarden.supervisor.store.locks import gc_lock
 from nixwarden.supervisor.store.restore import remove_entry
 
+log = logging.getLogger("nixwarden.gc")
+
 RETURN_LIVE, RETURN_DEAD, DELETE_DEAD, DELETE_SPECIFIC = 0, 1, 2, 3
+NO_LIMIT = 2**64 - 1  # the max-freed clients send unless told otherwise
 
 
 class LimitReached(Exception):
@@ -93,6 +97,39 @@ class RootsServer:
             pass
 
 
+class TrashRemover:
+    """Removes renamed-away trees (trash) on background threads.
+
+    A path's deletion is complete for everyone once it is invalid and
+    renamed to its trash name; emptying the trash is slow file-system work
+    (unlinks that wait on the journal) and need not hold up the walk.  Only
+    file-system calls on the store descriptor run here: no database, no
+    client log.  A trash entry left by a failure is an invalid name in the
+    store, removed by the next collection."""
+
+    THREADS = 2
+
+    def __init__(self, store_fd: int):
+        from concurrent.futures import ThreadPoolExecutor
+        self.store_fd = store_fd
+        self.pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="gc-trash")
+        self.futures = []
+
+    def submit(self, trash: str) -> None:
+        self.futures.append(self.pool.submit(remove_entry, self.store_fd, trash))
+
+    def finish(self) -> int:
+        """Wait for every removal; return the bytes they freed."""
+        self.pool.shutdown(wait=True)
+        freed = 0
+        for future in self.futures:
+            try:
+                freed += future.result()
+            except OSError as exc:
+                log.error("cannot empty the garbage collector's trash: %s", exc)
+        return freed
+
+
 class Collector:
     def __init__(self, layout, db, *, keep_outputs: bool, keep_derivations: bool, log):
         self.layout = layout
@@ -112,9 +149,19 @@ class Collector:
             _unlink_quietly(os.path.join(self.layout.db_dir, "reserved"))
         with gc_lock(self.layout, exclusive=True):
             self.server = RootsServer(self.layout.gc_socket_path)
+            self.store_fd = os.open(self.layout.real_store_dir,
+                                    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            # Without a limit, nothing waits for the bytes each deletion
+            # frees: trash is emptied in the background, all of it before
+            # the answer (and the GC lock) is given back.
+            self.trash_remover = (TrashRemover(self.store_fd)
+                                  if deleting and max_freed >= NO_LIMIT else None)
             try:
                 self._collect_locked(action, paths, max_freed, deleting)
             finally:
+                if self.trash_remover is not None:
+                    self.bytes_freed += self.trash_remover.finish()
+                os.close(self.store_fd)
                 self.server.close()
         if action == RETURN_LIVE:
             return sorted(self.alive), 0
@@ -252,26 +299,23 @@ class Collector:
         try:
             if self.server.is_temp_root(hash_part):
                 return
-            if self.db.is_valid(path):
-                self.db.invalidate_path(path)
+            self.db.invalidate_path(path)  # (nothing to do for an invalid path)
             self._delete_entry(os.path.basename(path))
         finally:
             self.server.set_pending(None)
 
     def _delete_entry(self, name: str) -> None:
         self.log(f"deleting '{self.store_dir}/{name}'")
-        store_fd = os.open(self.layout.real_store_dir, os.O_RDONLY | os.O_DIRECTORY)
+        trash = f".nixwarden-trash-{secrets.token_hex(8)}"
         try:
-            trash = f".nixwarden-trash-{secrets.token_hex(8)}"
-            try:
-                os.rename(name, trash, src_dir_fd=store_fd, dst_dir_fd=store_fd)
-            except FileNotFoundError:
-                trash = None  # reported all the same, as Nix does (an invalid path)
-            if trash is not None:
-                self.bytes_freed += _freed_bytes(os.path.join(self.layout.real_store_dir, trash))
-                remove_entry(store_fd, trash)
-        finally:
-            os.close(store_fd)
+            os.rename(name, trash, src_dir_fd=self.store_fd, dst_dir_fd=self.store_fd)
+        except FileNotFoundError:
+            pass  # reported all the same, as Nix does (an invalid path)
+        else:
+            if self.trash_remover is not None:
+                self.trash_remover.submit(trash)
+            else:
+                self.bytes_freed += remove_entry(self.store_fd, trash)
         self.results.append(f"{self.store_dir}/{name}")
         if self.bytes_freed > self.max_freed:
             self.log(f"deleted more than {self.max_freed} bytes; stopping")
@@ -293,20 +337,6 @@ class Collector:
         overhead = os.stat(links).st_blocks * 512
         self.log(f"note: currently hard linking saves "
                  f"{(unshared - actual - overhead) / (1024.0 * 1024.0):.2f} MiB")
-
-
-def _freed_bytes(path: str) -> int:
-    """What deleting ``path`` frees, counted as Nix does (last or second link)."""
-    total = 0
-    st = os.lstat(path)
-    if not os.path.isdir(path) or os.path.islink(path):
-        return st.st_size if st.st_nlink <= 2 else 0
-    for root, dirs, files in os.walk(path):
-        for name in files:
-            s = os.lstat(os.path.join(root, name))
-            if s.st_nlink <= 2:
-                total += s.st_size
-    return total
 
 
 def _unlink_quietly(path: str) -> None:

@@ -16,7 +16,6 @@ no following, no overwriting, no path strings.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 
 from nixwarden.shared import nar
@@ -93,16 +92,59 @@ def _write_all(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view):]
 
 
-def remove_entry(parent_fd: int, name: str) -> None:
-    """Delete ``name`` in ``parent_fd`` whatever it is, without following links."""
+def remove_entry(parent_fd: int, name: str) -> int:
+    """Delete ``name`` in ``parent_fd`` whatever it is, without following
+    links, and return the bytes that frees as Nix counts them: the sizes
+    of the non-directories with at most two links (the last link, or the
+    last but the store's ``.links`` entry).
+
+    One pass over the tree, by directory descriptors (an explicit stack,
+    however deep the tree); a non-root daemon first makes each directory
+    writable (the store keeps them read-only)."""
     try:
         st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return
+        return 0
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=parent_fd)
-        return
-    if os.geteuid() != 0:  # root may empty read-only directories as they are
-        for root, dirs, _files, root_fd in os.fwalk(name, dir_fd=parent_fd):
-            os.fchmod(root_fd, 0o700)
-    shutil.rmtree(name, dir_fd=parent_fd)
+        return _freed_by(st)
+    make_writable = os.geteuid() != 0
+    freed = 0
+    stack: list[tuple[int, str, int, list]] = []  # (parent fd, name, fd, entries left)
+
+    def enter(pfd: int, dname: str) -> None:
+        fd = os.open(dname, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            if make_writable:
+                os.fchmod(fd, 0o700)
+            with os.scandir(fd) as it:
+                entries = list(it)
+        except BaseException:
+            os.close(fd)
+            raise
+        stack.append((pfd, dname, fd, entries))
+
+    enter(parent_fd, name)
+    try:
+        while stack:
+            pfd, dname, fd, entries = stack[-1]
+            while entries:
+                entry = entries.pop()
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    enter(fd, entry.name)
+                    break
+                os.unlink(entry.name, dir_fd=fd)
+                freed += _freed_by(st)
+            else:
+                stack.pop()
+                os.close(fd)
+                os.rmdir(dname, dir_fd=pfd)
+    finally:
+        for _, _, fd, _ in stack:
+            os.close(fd)
+    return freed
+
+
+def _freed_by(st: os.stat_result) -> int:
+    return st.st_size if st.st_nlink <= 2 else 0

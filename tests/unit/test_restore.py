@@ -324,3 +324,39 @@ def test_incoming_abort_after_finish_removes_read_only_tree(area):
     inc.finish()
     inc.abort()
     assert os.listdir(parent) == []
+
+
+def test_remove_entry_counts_freed_bytes_as_nix_and_follows_nothing(area):
+    fd, parent, canary = area
+    (canary / "kept").write_bytes(b"k" * 1000)
+    out = parent / "out"
+    (out / "d" / "e").mkdir(parents=True)
+    (out / "one").write_bytes(b"1" * 100)  # a single link: counted
+    (out / "d" / "two").write_bytes(b"2" * 200)
+    os.link(out / "d" / "two", canary / "two-link")  # two links (as with .links): counted
+    (out / "d" / "e" / "three").write_bytes(b"3" * 300)
+    for name in ("x", "y"):
+        os.link(out / "d" / "e" / "three", canary / name)  # three links: not counted
+    os.symlink(canary, out / "d" / "to-canary")  # its own size, never followed
+    os.chmod(out / "d" / "e", 0o555)
+    expected = 100 + 200 + len(str(canary))
+    assert remove_entry(fd, "out") == expected
+    assert os.listdir(parent) == []
+    assert sorted(os.listdir(canary)) == ["kept", "two-link", "x", "y"]
+    assert remove_entry(fd, "out") == 0  # already gone
+
+
+def test_remove_entry_of_a_tree_deeper_than_the_recursion_limit(area):
+    fd, parent, _ = area
+    os.mkdir("deep", dir_fd=fd)
+    level = os.open("deep", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    for _ in range(sys.getrecursionlimit() + 100):
+        os.mkdir("d", dir_fd=level)
+        below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=level)
+        os.close(level)
+        level = below
+    with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=level), "wb") as f:
+        f.write(b"leaf")
+    os.close(level)
+    assert remove_entry(fd, "deep") == 4
+    assert os.listdir(parent) == []
