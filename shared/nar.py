@@ -68,31 +68,62 @@ def nar_of_bytes(contents: bytes, executable: bool = False) -> bytes:
                    contents, b")")
 
 
-def dump(path: str | os.PathLike, *, chunk_size: int = limits.NAR_DUMP_CHUNK) -> Iterator[bytes]:
+def dump(path: str | os.PathLike, *, chunk_size: int = limits.NAR_DUMP_CHUNK,
+         scratch: bytearray | None = None) -> Iterator[bytes]:
     """Serialise the object at ``path`` exactly like ``nix-store --dump``.
 
     ``path`` itself is not followed if it is a symlink.
 
+    Args:
+        scratch: read file contents into this buffer and yield views of it,
+            each valid only until the next piece is asked for (for a
+            consumer that hashes or writes a piece at once): no buffer is
+            allocated per chunk.
+
     Yields:
         NAR bytes in pieces; file contents in chunks of at most
-        ``chunk_size`` bytes.
+        ``chunk_size`` bytes (``len(scratch)`` with a scratch buffer).
     Raises:
         OSError: from the file system.
         NarDumpError: an unsupported file type, a file that shrank while
             being read, or nesting deeper than ``MAX_NAR_DEPTH``.
     """
     yield _str(MAGIC)
-    yield from _dump_at(None, os.fspath(path), 0, chunk_size)
+    yield from _dump_at(None, os.fspath(path), 0, _Chunks(chunk_size, scratch))
 
 
-def dump_fd(fd: int, *, chunk_size: int = limits.NAR_DUMP_CHUNK) -> Iterator[bytes]:
+def dump_fd(fd: int, *, chunk_size: int = limits.NAR_DUMP_CHUNK,
+            scratch: bytearray | None = None) -> Iterator[bytes]:
     """Like ``dump`` for an open regular-file or directory fd (not closed)."""
     yield _str(MAGIC)
-    yield from _dump_open(fd, os.fstat(fd), 0, chunk_size)
+    yield from _dump_open(fd, os.fstat(fd), 0, _Chunks(chunk_size, scratch))
+
+
+class _Chunks:
+    """How a dump reads file contents: fresh chunks, or a reused buffer."""
+
+    def __init__(self, size: int, scratch: bytearray | None):
+        self.size = len(scratch) if scratch is not None else size
+        self.view = memoryview(scratch) if scratch is not None else None
+
+    def read(self, fd: int, remaining: int):
+        """Yield exactly ``remaining`` bytes of ``fd`` in pieces."""
+        while remaining:
+            want = min(self.size, remaining)
+            if self.view is None:
+                chunk = os.read(fd, want)
+                got = len(chunk)
+            else:
+                got = os.readv(fd, [self.view[:want]])
+                chunk = self.view[:got]
+            if not got:
+                raise NarDumpError("file shrank while it was being dumped")
+            remaining -= got
+            yield chunk
 
 
 def _dump_at(dir_fd: int | None, name: str | bytes, depth: int,
-             chunk_size: int) -> Iterator[bytes]:
+             chunks: _Chunks) -> Iterator[bytes]:
     """Dump ``name`` relative to ``dir_fd`` (or the cwd when None)."""
     st = os.lstat(name, dir_fd=dir_fd)
     if stat.S_ISLNK(st.st_mode):
@@ -110,36 +141,30 @@ def _dump_at(dir_fd: int | None, name: str | bytes, depth: int,
         fst = os.fstat(fd)
         if stat.S_IFMT(fst.st_mode) != stat.S_IFMT(st.st_mode):
             raise NarDumpError(f"file '{os.fsdecode(name)}' changed type while dumping")
-        yield from _dump_open(fd, fst, depth, chunk_size)
+        yield from _dump_open(fd, fst, depth, chunks)
     finally:
         os.close(fd)
 
 
-def _dump_open(fd: int, st: os.stat_result, depth: int, chunk_size: int) -> Iterator[bytes]:
+def _dump_open(fd: int, st: os.stat_result, depth: int, chunks: _Chunks) -> Iterator[bytes]:
     if stat.S_ISREG(st.st_mode):
-        yield from _dump_file(fd, st, chunk_size)
+        yield from _dump_file(fd, st, chunks)
     elif stat.S_ISDIR(st.st_mode):
-        yield from _dump_dir(fd, depth, chunk_size)
+        yield from _dump_dir(fd, depth, chunks)
     else:
         raise NarDumpError("open file has an unsupported type")
 
 
-def _dump_file(fd: int, st: os.stat_result, chunk_size: int) -> Iterator[bytes]:
+def _dump_file(fd: int, st: os.stat_result, chunks: _Chunks) -> Iterator[bytes]:
     """A regular file node; executable iff the owner x bit is set (spec §8.3)."""
     marker = (b"executable", b"") if st.st_mode & stat.S_IXUSR else ()
     size = st.st_size
     yield _tokens(b"(", b"type", b"regular", *marker, b"contents") + size.to_bytes(8, "little")
-    remaining = size
-    while remaining:
-        chunk = os.read(fd, min(chunk_size, remaining))
-        if not chunk:
-            raise NarDumpError("file shrank while it was being dumped")
-        remaining -= len(chunk)
-        yield chunk
+    yield from chunks.read(fd, size)
     yield bytes(_pad_len(size)) + _str(b")")
 
 
-def _dump_dir(fd: int, depth: int, chunk_size: int) -> Iterator[bytes]:
+def _dump_dir(fd: int, depth: int, chunks: _Chunks) -> Iterator[bytes]:
     """A directory node with its entries in bytewise name order."""
     names = sorted(os.fsencode(n) for n in os.listdir(fd))
     if names and depth >= limits.MAX_NAR_DEPTH:
@@ -147,15 +172,26 @@ def _dump_dir(fd: int, depth: int, chunk_size: int) -> Iterator[bytes]:
     yield _tokens(b"(", b"type", b"directory")
     for name in names:
         yield _tokens(b"entry", b"(", b"name", name, b"node")
-        yield from _dump_at(fd, name, depth + 1, chunk_size)
+        yield from _dump_at(fd, name, depth + 1, chunks)
         yield _str(b")")
     yield _str(b")")
 
 
-def nar_hash_of_path(path: str | os.PathLike) -> tuple[Hash, int]:
-    """SHA-256 and size of the NAR of ``path`` (spec §8.3)."""
-    sink = HashSink(HashAlgo.SHA256)
-    for piece in dump(path):
+def nar_hash_of_path(path: str | os.PathLike,
+                     algo: HashAlgo = HashAlgo.SHA256) -> tuple[Hash, int]:
+    """The hash (SHA-256 unless ``algo``) and size of the NAR of ``path``
+    (spec §8.3), read through one reused buffer."""
+    return _hash_pieces(dump(path, scratch=bytearray(limits.NAR_DUMP_CHUNK)), algo)
+
+
+def nar_hash_of_fd(fd: int, algo: HashAlgo = HashAlgo.SHA256) -> tuple[Hash, int]:
+    """``nar_hash_of_path`` for an open file or directory (not closed)."""
+    return _hash_pieces(dump_fd(fd, scratch=bytearray(limits.NAR_DUMP_CHUNK)), algo)
+
+
+def _hash_pieces(pieces, algo: HashAlgo) -> tuple[Hash, int]:
+    sink = HashSink(algo)
+    for piece in pieces:
         sink.update(piece)
     return sink.finish(), sink.size
 

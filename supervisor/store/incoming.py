@@ -136,10 +136,7 @@ class Incoming:
 def _nar_hash_of_entry(store_fd: int, name: str) -> tuple[Hash, int]:
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store_fd)
     try:
-        sink = HashSink(HashAlgo.SHA256)
-        for chunk in nar.dump_fd(fd):
-            sink.update(chunk)
-        return sink.finish(), sink.size
+        return nar.nar_hash_of_fd(fd)
     finally:
         os.close(fd)
 

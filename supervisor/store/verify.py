@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from nixwarden.shared import nar
 from nixwarden.shared.errors import StoreRefusal
-from nixwarden.shared.hashes import Hash, HashAlgo, HashSink
+from nixwarden.shared.hashes import Hash, HashAlgo
 from nixwarden.shared.logtypes import Verbosity, error_line, warning_line
 from nixwarden.shared.storepath import BadStorePath, StoreDir
 from nixwarden.supervisor.store.layout import StoreLayout
@@ -42,14 +43,6 @@ LogFn = Callable[[int, str], None]
 #: Repairs one path (re-substitution, else rebuilding its deriver); returns
 #: False when it cannot, or raises ``StoreRefusal`` with the reason.
 RepairFn = Callable[[str], bool]
-
-
-def nar_hash(real_path: str, algo: HashAlgo = HashAlgo.SHA256) -> tuple[Hash, int]:
-    """The hash (with ``algo``) and size of the NAR of ``real_path``."""
-    sink = HashSink(algo)
-    for piece in nar.dump(real_path):
-        sink.update(piece)
-    return sink.finish(), sink.size
 
 
 @dataclass
@@ -147,10 +140,12 @@ class _Verifier:
     def check_links(self) -> None:
         self.log(Verbosity.INFO, "checking link hashes...")
         links_dir = self.layout.links_dir
-        for name in os.listdir(links_dir):
+        names = os.listdir(links_dir)
+        hashed = _hashed(lambda name: nar.nar_hash_of_path(f"{links_dir}/{name}")[0], names)
+        for name, digest in zip(names, hashed):
             self.log(Verbosity.TALKATIVE, f"checking contents of '{name}'")
             link_path = f"{links_dir}/{name}"
-            got = nar_hash(link_path)[0].to_nix32()
+            got = digest.result().to_nix32()
             if got == name:
                 continue
             self.log(Verbosity.ERROR, f"link '{link_path}' was modified! "
@@ -167,9 +162,17 @@ class _Verifier:
 
     def check_hashes(self) -> None:
         self.log(Verbosity.INFO, "checking store hashes...")
-        for path in sorted(self.valid):
+        paths = sorted(self.valid)
+        records = [self._recorded(path) for path in paths]
+        hashed = _hashed(lambda job: nar.nar_hash_of_path(self.layout.real_path(job[0]),
+                                                          job[1].algo),
+                         [(p, r[0]) for p, r in zip(paths, records) if isinstance(r, tuple)])
+        for path, record in zip(paths, records):
             try:
-                self._check_hash(path)
+                if not isinstance(record, tuple):
+                    raise record
+                self.log(Verbosity.TALKATIVE, f"checking contents of '{path}'")
+                self._check_hash(path, *record, *next(hashed).result())
             except (StoreRefusal, OSError, ValueError) as e:
                 # The path may have been collected meanwhile: only a warning then.
                 text = _error_text(e)
@@ -179,16 +182,18 @@ class _Verifier:
                     self.log(Verbosity.WARN, warning_line(text))
                 self.errors = True
 
-    def _check_hash(self, path: str) -> None:
+    def _recorded(self, path: str) -> tuple[Hash, int] | StoreRefusal:
+        """The recorded NAR hash and size of ``path``, or the error to report."""
         info = self.db.query_path_info(path)
         if info is None:
-            raise StoreRefusal(f"path '{path}' is not valid")
+            return StoreRefusal(f"path '{path}' is not valid")
         try:
-            expected = Hash.parse(info.nar_hash)
+            return Hash.parse(info.nar_hash), info.nar_size
         except ValueError as e:
-            raise StoreRefusal(f"invalid-path entry for '{path}': {e}") from None
-        self.log(Verbosity.TALKATIVE, f"checking contents of '{path}'")
-        current, size = nar_hash(self.layout.real_path(path), expected.algo)
+            return StoreRefusal(f"invalid-path entry for '{path}': {e}")
+
+    def _check_hash(self, path: str, expected: Hash, nar_size: int,
+                    current: Hash, size: int) -> None:
         missing = expected == Hash(HashAlgo.SHA256, bytes(32))
         if not missing and expected != current:
             self.log(Verbosity.ERROR, f"path '{path}' was modified! expected hash "
@@ -198,7 +203,7 @@ class _Verifier:
             else:
                 self.errors = True
             return
-        self._fill_in(path, current if missing else None, size if info.nar_size == 0 else None)
+        self._fill_in(path, current if missing else None, size if nar_size == 0 else None)
 
     def _fill_in(self, path: str, new_hash: Hash | None, new_size: int | None) -> None:
         """Nix's ``updatePathInfo`` for a missing hash or narSize."""
@@ -210,6 +215,24 @@ class _Verifier:
             self.db.update_path_info(
                 path, nar_hash=None if new_hash is None else new_hash.to_prefixed("base16"),
                 nar_size=new_size)
+
+
+#: Paths hashed at once: hashing and reading release the GIL, so a
+#: ``--check-contents`` uses the machine's cores (Nix 2.8 hashes one path
+#: at a time).  Results are taken in order, so the messages are Nix's.
+HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _hashed(hash_one: Callable, items: list) -> Iterator:
+    """Futures of ``hash_one(item)`` for ``items``, in order, computed on
+    ``HASH_THREADS`` threads while the caller goes through them (only file
+    reads and hashing run there: no database, no client log)."""
+    pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="verify")
+    try:
+        for future in [pool.submit(hash_one, item) for item in items]:
+            yield future
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.contextmanager
