@@ -209,6 +209,8 @@ class Collector:
     # --- the walk ------------------------------------------------------------------
 
     def _visit(self, start: str) -> None:
+        if start in self.dead or start in self.alive:  # settled by an earlier walk
+            return
         visited, todo = {start}, deque([start])
         while todo:
             path = todo.popleft()
