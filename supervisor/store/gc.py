@@ -21,6 +21,7 @@ import secrets
 import socket
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.storepath import BadStorePath, StoreDir, StorePath
@@ -110,7 +111,6 @@ class TrashRemover:
     THREADS = 2
 
     def __init__(self, store_fd: int):
-        from concurrent.futures import ThreadPoolExecutor
         self.store_fd = store_fd
         self.pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="gc-trash")
         self.futures = []
