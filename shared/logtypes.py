@@ -50,10 +50,15 @@ class Verbosity(IntEnum):
     VOMIT = 7
 
 
+#: Nix's ``ANSI_WARNING`` (also what ``hintfmt`` highlights with) and
+#: ``ANSI_NORMAL``.
+ANSI_WARNING = "\x1b[35;1m"
+ANSI_NORMAL = "\x1b[0m"
+
 #: The prefixes of Nix's ``showErrorInfo`` (colours included: the client
 #: strips them when its stderr is not a terminal).
-ANSI_ERROR_PREFIX = "\x1b[31;1merror:\x1b[0m "
-ANSI_WARNING_PREFIX = "\x1b[35;1mwarning:\x1b[0m "
+ANSI_ERROR_PREFIX = f"\x1b[31;1merror:{ANSI_NORMAL} "
+ANSI_WARNING_PREFIX = f"{ANSI_WARNING}warning:{ANSI_NORMAL} "
 
 
 def error_line(message: str) -> str:

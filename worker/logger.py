@@ -6,19 +6,13 @@ by the verbosity the client asked for.  Process: worker.
 
 from __future__ import annotations
 
+from nixwarden.shared.logtypes import warning_line
 from nixwarden.shared.wire import primitives as w
 from nixwarden.shared.wire.ops import ProtocolVersion, Stderr, Verbosity
 
-ANSI_WARNING = "\x1b[35;1m"
-ANSI_NORMAL = "\x1b[0m"
 STRUCTURED_ERRORS = ProtocolVersion(1, 26)
 ACTIVITIES = ProtocolVersion(1, 20)
 _LAST = w.w_u64(Stderr.LAST)
-
-
-def warning_text(message: str) -> str:
-    """A warning line as Nix prints it."""
-    return f"{ANSI_WARNING}warning:{ANSI_NORMAL} {message}"
 
 
 class ClientLogger:
@@ -36,7 +30,7 @@ class ClientLogger:
             self.conn.write(w.w_u64(Stderr.NEXT) + w.w_str(text + "\n"))
 
     def warn(self, message: str) -> None:
-        self.log(Verbosity.WARN, warning_text(message))
+        self.log(Verbosity.WARN, warning_line(message))
 
     def start_activity(self, level: int, activity_type: int, text: str,
                        fields: tuple = (), parent: int = 0) -> int:

@@ -46,6 +46,7 @@ from typing import BinaryIO
 
 from nixwarden.shared import nar
 from nixwarden.shared.hashes import Hash, HashAlgo
+from nixwarden.shared.logtypes import error_line, warning_line
 from nixwarden.supervisor.build.buildenv import BuildenvError, builtin_buildenv
 from nixwarden.supervisor.build.pathview import PathView
 from nixwarden.supervisor.store.restore import Restorer
@@ -53,8 +54,6 @@ from nixwarden.supervisor.store.restore import Restorer
 #: Seconds a download may stall (Nix's ``stalled-download-timeout``).
 DOWNLOAD_TIMEOUT = 300
 _CHUNK = 64 * 1024
-_ANSI_ERROR = "\x1b[31;1merror:\x1b[0m "
-_ANSI_WARNING = "\x1b[35;1mwarning:\x1b[0m "
 _LVL_WARN = 1
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
@@ -109,7 +108,7 @@ def _dispatch(builder: str, env: Mapping[str, str], view: PathView,
 
 
 def _fail(log: BinaryIO, message: str) -> int:
-    log.write((_ANSI_ERROR + message + "\n").encode("utf-8", "surrogateescape"))
+    log.write((error_line(message) + "\n").encode("utf-8", "surrogateescape"))
     log.flush()
     return 1
 
@@ -118,7 +117,7 @@ def _warner(log: BinaryIO) -> Callable[[str], None]:
     """Warnings as Nix's JSON logger in a builtin child prints them."""
     def warn(message: str) -> None:
         line = json.dumps({"action": "msg", "level": _LVL_WARN,
-                           "msg": _ANSI_WARNING + message}, ensure_ascii=False)
+                           "msg": warning_line(message)}, ensure_ascii=False)
         log.write(b"@nix " + line.encode("utf-8", "surrogateescape") + b"\n")
         log.flush()
     return warn

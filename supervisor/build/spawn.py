@@ -20,6 +20,8 @@ import traceback
 import tty
 from dataclasses import dataclass
 
+from nixwarden.shared.logtypes import ANSI_NORMAL, ANSI_WARNING
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -75,7 +77,8 @@ def exec_failure(program: str, reason: str) -> bytes:
     newline, then the error serialised as on the worker protocol.  (Nix's
     parent parses it only for sandboxed builds, so with ``sandbox = false``
     the raw bytes are what its build log shows; so do ours.)"""
-    hint = f"executing '{_HL}{program}{_PLAIN}': {_HL}{reason}{_PLAIN}"
+    hint = (f"executing '{ANSI_WARNING}{program}{ANSI_NORMAL}': "
+            f"{ANSI_WARNING}{reason}{ANSI_NORMAL}")
     frame = (_text("Error") + _u64(0) + _text("Error") + _text(hint)  # type, level, name, msg
              + _u64(0) + _u64(0))  # no position, no traces
     return b"\x01\n" + frame
@@ -89,9 +92,6 @@ def _text(text: str) -> bytes:
     """A Nix serialised string (the supervisor never imports the client wire codec)."""
     data = text.encode(errors="surrogateescape")
     return _u64(len(data)) + data + bytes(-len(data) % 8)
-
-
-_HL, _PLAIN = "\x1b[35;1m", "\x1b[0m"  # Nix's ANSI_WARNING, ANSI_NORMAL
 
 
 def _no_core_dumps() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 from nixwarden.shared.errors import StoreRefusal, WorkerViolation
+from nixwarden.shared.logtypes import error_line, warning_line
 from nixwarden.shared.rpc import schema
 from nixwarden.shared.storepath import StorePath
 
@@ -82,7 +83,7 @@ def on_query_valid_paths(session, req: schema.QueryValidPaths):
         if missing:
             for path, error in session.substitute(missing).items():
                 if error is not None and path in missing:
-                    session.client_log.log(1, f"\x1b[35;1mwarning:\x1b[0m {error}")
+                    session.client_log.log(1, warning_line(error))
     return schema.Paths(sorted(session.db.valid_subset(paths)))
 
 
@@ -346,7 +347,7 @@ def build_paths_reply(session, req: schema.BuildPaths, results):
     if len(failed) == 1 and errors:
         raise StoreRefusal(errors[0], status)
     for error in errors:
-        session.client_log.log(0, f"\x1b[31;1merror:\x1b[0m {error}")
+        session.client_log.log(0, error_line(error))
     raise StoreRefusal(f"build of {_show_paths(p for p, _ in failed)} failed", status)
 
 

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from urllib.parse import parse_qsl
 
-from nixwarden.shared.logtypes import Verbosity
+from nixwarden.shared.logtypes import Verbosity, warning_line
 from nixwarden.shared.storepath import StoreDir
 from nixwarden.supervisor.store import transfer
 from nixwarden.supervisor.store.narinfo import (CacheInfo, NarInfo, NarInfoError,
@@ -179,8 +179,8 @@ class BinaryCache:
             except ValueError:
                 raise CacheUnusable(_mismatch(self.uri, info.store_dir,
                                               self.expected_store_dir)) from None
-            self.log(Verbosity.WARN, "\x1b[35;1mwarning:\x1b[0m "
-                     + _mismatch(self.uri, info.store_dir, self.expected_store_dir))
+            self.log(Verbosity.WARN, warning_line(
+                _mismatch(self.uri, info.store_dir, self.expected_store_dir)))
             self.store_dir = store_dir
         if self.disk_cache:
             self.disk_cache.record_cache_info(self.uri, text)

@@ -44,7 +44,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
 from nixwarden.shared.errors import StoreRefusal
-from nixwarden.shared.logtypes import ActivityType, ResultType, Verbosity
+from nixwarden.shared.logtypes import (ActivityType, ResultType, Verbosity, error_line,
+                                       warning_line)
 from nixwarden.shared.storepath import BadStorePath, ContentAddress, StoreDir
 from nixwarden.supervisor.store import signatures
 from nixwarden.supervisor.store.adding import NarClaim
@@ -54,8 +55,6 @@ from nixwarden.supervisor.store.narinfo import NarInfo
 from nixwarden.supervisor.store.narinfo_cache import NarInfoDiskCache
 from nixwarden.supervisor.store.transfer import Downloader
 
-ANSI_WARNING = "\x1b[35;1mwarning:\x1b[0m "
-ANSI_ERROR = "\x1b[31;1merror:\x1b[0m "
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ class Substituters:
             connections=self.http_connections, connect_timeout=settings.get("connect-timeout"),
             stall_timeout=settings.get("stalled-download-timeout"),
             attempts=settings.get("download-attempts"),
-            warn=lambda text: self._emit(Verbosity.WARN, ANSI_WARNING + text))
+            warn=lambda text: self._emit(Verbosity.WARN, warning_line(text)))
         self.disk_cache = NarInfoDiskCache.under_state_dir(
             state_dir, positive_ttl=settings.get("narinfo-cache-positive-ttl"),
             negative_ttl=settings.get("narinfo-cache-negative-ttl"), refresh=refresh)
@@ -155,7 +154,7 @@ class Substituters:
                               disk_cache=self.disk_cache, fallback=self.fallback,
                               log=self._emit)
         except CacheUnusable as e:
-            self._emit(Verbosity.WARN, ANSI_WARNING + str(e))
+            self._emit(Verbosity.WARN, warning_line(str(e)))
             return None
 
     # --- queries -------------------------------------------------------------------------
@@ -258,7 +257,7 @@ class Substituters:
         except CacheFailure as e:
             if not self.fallback:
                 raise StoreRefusal(e.message) from None
-            self._emit(Verbosity.ERROR, ANSI_ERROR + e.message)
+            self._emit(Verbosity.ERROR, error_line(e.message))
             return None
 
     def _path_in(self, cache: BinaryCache, path: str, ca: ContentAddress | None) -> str:
@@ -395,7 +394,7 @@ class _Run:
             if info is None:
                 continue
             if not cache.trusted and self._lacks_signature(info):
-                self.log.log(Verbosity.WARN, ANSI_WARNING + (
+                self.log.log(Verbosity.WARN, warning_line(
                     f"the substitute for '{goal.path}' from '{cache.uri}' is not signed by "
                     "any of the keys in 'trusted-public-keys'"))
                 continue
@@ -475,7 +474,7 @@ class _Run:
             except (CacheFailure, StoreRefusal) as e:
                 message = (f"substitution of '{goal.path}' from '{goal.cache.uri}' failed: "
                            f"{e.message}")
-                self.log.log(Verbosity.ERROR, ANSI_ERROR + message)
+                self.log.log(Verbosity.ERROR, error_line(message))
                 if not getattr(e, "gone", False):
                     goal.cache_failed, goal.last_error = True, message
             except CacheDisabled:

@@ -33,13 +33,14 @@ from collections.abc import Callable, Iterator
 import urllib3
 import zstandard
 
+from nixwarden.shared.logtypes import ANSI_NORMAL, ANSI_WARNING
+
 CHUNK = 256 * 1024
 #: Nix's FileTransferRequest::baseRetryTimeMs.
 BASE_RETRY_MS = 250
 #: How much of an HTTP error's response body is read to show it (Nix shows
 #: bodies under 1 KiB, or HTML ones).
 ERROR_BODY_MAX = 64 * 1024
-_HIGHLIGHT, _PLAIN = "\x1b[35;1m", "\x1b[0m"  # Nix's ANSI_WARNING, ANSI_NORMAL
 
 NOT_FOUND, FORBIDDEN, MISC, TRANSIENT = "not-found", "forbidden", "misc", "transient"
 
@@ -63,7 +64,7 @@ def with_response_body(message: str, body: bytes) -> str:
     text = body[:ERROR_BODY_MAX].decode("utf-8", "replace")
     if text and (len(body) < 1024 or "<html>" in text):
         shown = text.rstrip(" \n\r\t")
-        return f"{message}\n\nresponse body:\n\n{_HIGHLIGHT}{shown}{_PLAIN}"
+        return f"{message}\n\nresponse body:\n\n{ANSI_WARNING}{shown}{ANSI_NORMAL}"
     return message
 
 
