@@ -28,9 +28,9 @@ _HASH_CHARS = frozenset(base32.ALPHABET)
 
 #: ``<hash>-<name>`` as it almost always arrives: every character legal and
 #: nothing for canonicalisation to do.  Only the ``.``/``..`` name rules
-#: are left to check after a match.
+#: (``_is_dot_name``) are left to check after a match.
 _PLAIN_BASE = (f"([{re.escape(base32.ALPHABET)}]{{{HASH_PART_LEN}}})"
-               f"-([A-Za-z0-9+\\-._?=]{{1,{MAX_NAME_LEN}}})")
+               f"-([{re.escape(''.join(sorted(_NAME_CHARS)))}]{{1,{MAX_NAME_LEN}}})")
 
 
 class BadStorePath(ValueError):
@@ -55,8 +55,13 @@ def check_name(name: str, what: str) -> None:
     for c in name:
         if c not in _NAME_CHARS:
             raise BadStorePath(f"store path '{what}' contains illegal character '{c}'")
-    if name in (".", "..") or name.startswith((".-", "..-")):
+    if _is_dot_name(name):
         raise BadStorePath(f"store path '{what}' has invalid name '{name}'")
+
+
+def _is_dot_name(name: str) -> bool:
+    """``.``, ``..``, or starting with ``.-``/``..-``: names Nix refuses."""
+    return name[0] == "." and (name in (".", "..") or name.startswith((".-", "..-")))
 
 
 def _check_hash_part(hash_part: str, what: str) -> None:
@@ -191,7 +196,7 @@ class StoreDir:
         plain = self._plain.fullmatch(full_path)
         if plain is not None:
             hash_part, name = plain.groups()
-            if name[0] != "." or not (name in (".", "..") or name.startswith((".-", "..-"))):
+            if not _is_dot_name(name):
                 return StorePath._checked(hash_part, name)
         canon = _canon(full_path)
         directory, _, base = canon.rpartition("/")

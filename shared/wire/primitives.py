@@ -60,9 +60,12 @@ def padding(length: int) -> Generator[int, bytes, None]:
     """Read and check the zero padding after a string of ``length`` bytes."""
     pad = (8 - length % 8) % 8
     if pad:
-        data = yield pad
-        if data != _ZERO_PAD[:pad]:
-            raise ClientProtocolError("non-zero padding")
+        _check_zeros((yield pad))
+
+
+def _check_zeros(pad: bytes) -> None:
+    if pad != _ZERO_PAD[:len(pad)]:
+        raise ClientProtocolError("non-zero padding")
 
 
 def raw_bytes(max_len: int = limits.MAX_STRING) -> Generator[int, bytes, bytes]:
@@ -74,8 +77,7 @@ def raw_bytes(max_len: int = limits.MAX_STRING) -> Generator[int, bytes, bytes]:
     pad = -length % 8
     if length <= _SMALL_STRING and pad:  # data and padding in one piece
         data = yield length + pad
-        if data[length:] != _ZERO_PAD[:pad]:
-            raise ClientProtocolError("non-zero padding")
+        _check_zeros(data[length:])
         return data[:length]
     data = (yield length) if length else b""
     yield from padding(length)
