@@ -194,8 +194,8 @@ def on_register_drv_output(session, req: schema.RegisterDrvOutput):
                            "'--extra-experimental-features ca-derivations' to override")
     if not session.db.is_valid(path):
         raise StoreRefusal(f"path '{path}' is not valid")
-    dependents = [(_check_drv_hash(h_), name, checked_path(session, p))
-                  for h_, name, p in req.dependents]
+    dependents = [(_check_drv_hash(drv_hash), name, checked_path(session, dep_path))
+                  for drv_hash, name, dep_path in req.dependents]
     session.db.ensure_ca_schema()
     session.db.register_realisation(_check_drv_hash(req.drv_hash), req.output, path,
                                     req.signatures, dependents)
@@ -212,21 +212,27 @@ def on_check_nar_readable(session, req: schema.CheckNarReadable):
 
 # --- adding paths ----------------------------------------------------------------
 
+def _claimed_paths(session, path: str, deriver: str | None, references: list[str]):
+    """The path, deriver (None if none) and sorted unique references a
+    NAR's metadata claims, each checked."""
+    return (checked_path(session, path),
+            checked_path(session, deriver) if deriver else None,
+            tuple(sorted(set(checked_paths(session, references)))))
+
+
 def _nar_claim(session, req):
     from nixwarden.shared.hashes import Hash, HashAlgo
     from nixwarden.shared.storepath import ContentAddress
     from nixwarden.supervisor.store.adding import NarClaim
-    path = checked_path(session, req.path)
-    deriver = checked_path(session, req.deriver) if req.deriver else None
+    path, deriver, refs = _claimed_paths(session, req.path, req.deriver, req.references)
     try:
         nar_hash = Hash.parse(req.nar_hash, HashAlgo.SHA256)
         ca = ContentAddress.parse(req.ca) if req.ca else None
     except ValueError as exc:
         raise StoreRefusal(str(exc)) from None
     trusted = session.identity.trusted
-    return NarClaim(path, deriver, nar_hash, tuple(sorted(set(checked_paths(session, req.references)))),
-                    req.registration_time, req.nar_size, req.ultimate and trusted,
-                    tuple(req.sigs), ca)
+    return NarClaim(path, deriver, nar_hash, refs, req.registration_time, req.nar_size,
+                    req.ultimate and trusted, tuple(req.sigs), ca)
 
 
 def on_add_to_store_nar(session, req: schema.AddToStoreNar):
@@ -282,9 +288,8 @@ def on_import_path(session, req: schema.ImportPath):
             raise StoreRefusal("the client's export record was refused after its NAR")
         if not isinstance(meta, schema.ImportPathMeta):
             raise WorkerViolation(f"{type(meta).__name__} where ImportPathMeta belongs")
-        path = checked_path(session, meta.path)
-        deriver = checked_path(session, meta.deriver) if meta.deriver else None
-        refs = tuple(sorted(set(checked_paths(session, meta.references))))
+        path, deriver, refs = _claimed_paths(session, meta.path, meta.deriver,
+                                             meta.references)
         imported.append(path)
         return NarClaim(path, deriver, nar_hash, refs, 0, nar_size, False, (), None)
 

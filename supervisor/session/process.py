@@ -125,9 +125,18 @@ def session_main(ctl: socket.socket, layout, settings, new_zygote=None) -> None:
     identity, rpc_fds = got
     _multi_user_store_dir(layout, settings)
     spawner.title(f"session uid={identity.uid}")
+    sys.exit(serve_connection(identity, settings, layout, db, rpc_fds,
+                              new_zygote=new_zygote))
+
+
+def serve_connection(identity, settings, layout, db, rpc_fds: tuple[int, int],
+                     **session_fields) -> int:
+    """Serve one connection's RPC channel (its session's ``(read, write)``
+    descriptors) with a session over ``db``; return the exit code.  The
+    database, the session's temporary roots and its caches end with it.
+    ``session_fields``: further ``Session`` fields (rules, restriction...)."""
     roots = TempRoots(layout)
-    session = Session(identity, settings, layout, db, roots)
-    session.new_zygote = new_zygote
+    session = Session(identity, settings, layout, db, roots, **session_fields)
     session.writer = StoreWriter(layout, db, roots, settings)
     try:
         code = loop.serve(session, Channel(*rpc_fds))
@@ -137,5 +146,4 @@ def session_main(ctl: socket.socket, layout, settings, new_zygote=None) -> None:
         roots.close()
         db.close()
     log.debug("session for pid %s ended after %d requests", identity.pid, session.requests)
-    sys.exit(code)
-
+    return code

@@ -62,16 +62,12 @@ def main(argv=None) -> int:
     state = msgspec.msgpack.decode(_read_all(args.state_fd), type=RecursiveState)
     layout, identity = state.layout, state.identity
 
-    from nixwarden.shared.rpc.channel import Channel
     from nixwarden.supervisor import spawner
     from nixwarden.supervisor.config import Settings
     from nixwarden.supervisor.logs import RawFormatter
-    from nixwarden.supervisor.session import loop
+    from nixwarden.supervisor.session.process import serve_connection
     from nixwarden.supervisor.session.restricted import RESTRICTED_RULES, Restriction
-    from nixwarden.supervisor.session.state import Session
-    from nixwarden.supervisor.store.adding import StoreWriter
     from nixwarden.supervisor.store.db import StoreDB
-    from nixwarden.supervisor.store.locks import TempRoots
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(RawFormatter(os.environ.get("IN_SYSTEMD") == "1"))
@@ -80,17 +76,9 @@ def main(argv=None) -> int:
     spawner.title(f"session recursive uid={identity.uid}")
     settings = Settings(MappingProxyType(state.settings), state.overridden)
     db = StoreDB.open(layout, ensure_layout=False)
-    roots = TempRoots(layout)
-    session = Session(identity, settings, layout, db, roots, rules=RESTRICTED_RULES,
-                      restriction=Restriction(set(state.allowed), args.report_fd))
-    session.writer = StoreWriter(layout, db, roots, settings)
-    try:
-        return loop.serve(session, Channel(args.rpc_in, args.rpc_out))
-    finally:
-        session.reset_substituters()
-        session.writer.close()
-        roots.close()
-        db.close()
+    return serve_connection(identity, settings, layout, db, (args.rpc_in, args.rpc_out),
+                            rules=RESTRICTED_RULES,
+                            restriction=Restriction(set(state.allowed), args.report_fd))
 
 
 if __name__ == "__main__":
