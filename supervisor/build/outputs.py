@@ -27,6 +27,7 @@ from nixwarden.supervisor.build import ca
 from nixwarden.supervisor.build.canonical import canonicalise
 from nixwarden.supervisor.build.outputchecks import check_outputs
 from nixwarden.supervisor.store.pathinfo import PathInfo
+from nixwarden.supervisor.store.restore import remove_entry
 
 
 class OutputRegistrar:
@@ -129,10 +130,8 @@ class OutputRegistrar:
         canonicalise(real, from_uid=None)
         self.r.temp_roots.add(final)
         if self.r.db.is_valid(final):
-            from nixwarden.supervisor.store.restore import remove_entry
             remove_entry(self.r.store_fd, os.path.basename(real))
         else:
-            from nixwarden.supervisor.store.restore import remove_entry
             remove_entry(self.r.store_fd, final_sp.base)
             os.rename(real, self.r.layout.real_path(final))
         new_refs = {final if r == scratch else r for r in refs}
@@ -170,14 +169,12 @@ class OutputRegistrar:
                                        f"output '{final}' differs{detail}")
             finally:
                 if os.path.lexists(real):
-                    from nixwarden.supervisor.store.restore import remove_entry
                     remove_entry(self.r.store_fd, os.path.basename(real))
             outputs[name] = final
         return outputs
 
     def _replace(self, real: str, final: str, nar_hash: Hash, nar_size: int) -> None:
         """Repair: put a rebuilt output in place of a damaged valid one."""
-        from nixwarden.supervisor.store.restore import remove_entry
         base = os.path.basename(self.r.layout.real_path(final))
         remove_entry(self.r.store_fd, base)
         os.rename(real, self.r.layout.real_path(final))

@@ -64,6 +64,8 @@ import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from nixwarden.supervisor.store.restore import remove_path
+
 #: Where bubblewrap lives (Debian's ``bubblewrap`` package).
 BWRAP = "/usr/bin/bwrap"
 
@@ -254,15 +256,7 @@ def _write_file(path: str, text: str) -> None:
 
 def cleanup_chroot(dirs: ChrootDirs) -> None:
     """Remove the chroot directory tree (missing is fine); never follows links."""
-    if os.path.lexists(dirs.root):
-        _delete_tree(dirs.root)
-
-
-def _delete_tree(path: str) -> None:
-    """``rm -rf`` a directory whose subdirectories may be read-only."""
-    for _top, _subdirs, _files, top_fd in os.fwalk(path, follow_symlinks=False):
-        os.chmod(top_fd, 0o700)
-    shutil.rmtree(path)
+    remove_path(dirs.root)
 
 
 def collect_outputs(chroot_store_host: str, output_basenames: Sequence[str],
@@ -290,21 +284,10 @@ def collect_outputs(chroot_store_host: str, output_basenames: Sequence[str],
         if not os.path.lexists(src):
             continue
         dst = f"{real_store_dir}/{base}"
-        _remove_any(dst)
+        remove_path(dst)  # an invalid leftover
         os.rename(src, dst)
         moved.append(base)
     return moved
-
-
-def _remove_any(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        _delete_tree(path)
-    else:
-        os.unlink(path)
 
 
 # -- the bubblewrap command line ----------------------------------------------

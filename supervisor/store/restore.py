@@ -146,5 +146,15 @@ def remove_entry(parent_fd: int, name: str) -> int:
     return freed
 
 
+def remove_path(path: str) -> int:
+    """``remove_entry`` for the last component of ``path`` in its directory."""
+    parent, name = os.path.split(path)
+    parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return remove_entry(parent_fd, name)
+    finally:
+        os.close(parent_fd)
+
+
 def _freed_by(st: os.stat_result) -> int:
     return st.st_size if st.st_nlink <= 2 else 0

@@ -27,7 +27,7 @@ from nixwarden.shared.errors import StoreRefusal  # noqa: E402
 from nixwarden.shared.hashes import HashAlgo  # noqa: E402
 from nixwarden.shared.storepath import ContentAddressMethod  # noqa: E402
 from nixwarden.supervisor.store.incoming import Incoming  # noqa: E402
-from nixwarden.supervisor.store.restore import Restorer, remove_entry  # noqa: E402
+from nixwarden.supervisor.store.restore import Restorer, remove_entry, remove_path  # noqa: E402
 
 TREE = {
     "a": b"alpha\n",
@@ -360,3 +360,15 @@ def test_remove_entry_of_a_tree_deeper_than_the_recursion_limit(area):
     os.close(level)
     assert remove_entry(fd, "deep") == 4
     assert os.listdir(parent) == []
+
+
+def test_remove_path_removes_the_last_component_only(tmp_path):
+    (tmp_path / "kept").mkdir()
+    os.symlink(tmp_path / "kept", tmp_path / "link")
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "f").write_bytes(b"abc")
+    os.chmod(tmp_path / "tree" / "sub", 0o555)
+    assert remove_path(str(tmp_path / "tree")) == 3
+    assert remove_path(str(tmp_path / "link")) == len(str(tmp_path / "kept"))  # not followed
+    assert remove_path(str(tmp_path / "missing")) == 0
+    assert sorted(os.listdir(tmp_path)) == ["kept"]
