@@ -14,6 +14,8 @@ import selectors
 import socket
 import sys
 
+from nixwarden.shared.fdio import write_all
+
 CHUNK = 65536
 
 
@@ -42,10 +44,4 @@ def forward_stdio(socket_path: str) -> int:
                     if not data:
                         print("error: unexpected EOF from daemon socket", file=sys.stderr)
                         return 1
-                    _write_all(1, data)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+                    write_all(1, data)

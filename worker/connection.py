@@ -12,6 +12,7 @@ from typing import Generator
 
 from nixwarden.shared import limits
 from nixwarden.shared.errors import ClientProtocolError
+from nixwarden.shared.fdio import write_all
 
 
 class ClientGone(Exception):
@@ -95,7 +96,4 @@ class ClientConnection:
         self._write_all(data)
 
     def _write_all(self, data) -> None:
-        with memoryview(data) as view:
-            while view:
-                n = os.write(self.write_fd, view)
-                view = view[n:]
+        write_all(self.write_fd, data)

@@ -14,6 +14,7 @@ import fcntl
 import os
 
 from nixwarden.shared.errors import WorkerViolation
+from nixwarden.shared.fdio import write_all
 from nixwarden.shared.rpc import codec
 
 #: Pipe capacity asked for (the default is 64 KiB): about a stream
@@ -75,9 +76,7 @@ class Channel:
 
     def send_frame(self, frame: bytes) -> None:
         """Write one already encoded frame (``codec.encode``)."""
-        with memoryview(frame) as view:
-            while view:
-                view = view[os.write(self.write_fd, view):]
+        write_all(self.write_fd, frame)
 
     def send_chunk(self, pieces: list) -> None:
         """Send one ``schema.Chunk`` whose data is ``pieces`` joined, written

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from nixwarden.shared import base32, nar
 from nixwarden.shared.errors import StoreRefusal
+from nixwarden.shared.fdio import write_all
 from nixwarden.shared.hashes import Hash, HashAlgo, HashSink
 from nixwarden.shared.storepath import ContentAddressMethod
 from nixwarden.supervisor.store.restore import (CANONICAL_TIME, Restorer,
@@ -71,7 +72,7 @@ class Incoming:
 
     def feed(self, data: bytes) -> None:
         if not self.nar_input:
-            _write_all(self.file_fd, data)
+            write_all(self.file_fd, data)
             self.size += len(data)
             if self.ca_sink:
                 self.ca_sink.update(data)
@@ -139,9 +140,3 @@ def _nar_hash_of_entry(store_fd: int, name: str) -> tuple[Hash, int]:
         return nar.nar_hash_of_fd(fd)
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    with memoryview(data) as view:
-        while view:
-            view = view[os.write(fd, view):]

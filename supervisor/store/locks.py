@@ -23,7 +23,6 @@ created by a real Nix GC running as the store owner.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -32,6 +31,7 @@ import threading
 import time
 from typing import Iterator
 
+from nixwarden.shared.fdio import write_all
 from nixwarden.supervisor.store.layout import StoreLayout
 
 log = logging.getLogger(__name__)
@@ -227,14 +227,14 @@ class TempRoots:
                 # No GC can start while we hold gc.lock shared, and a GC
                 # reads all temproots files after taking it exclusively.
                 try:
-                    _write_all(self._fd, record)
+                    write_all(self._fd, record)
                 finally:
                     unlock(self._gc_fd)
                 self._drop_socket()
                 return
             # A GC is running: it only learns of new roots via its socket.
             if self._tell_gc(path_full):
-                _write_all(self._fd, record)
+                write_all(self._fd, record)
                 return
             time.sleep(_GC_SOCKET_RETRY_SECONDS)
 
@@ -318,13 +318,6 @@ def _same_file(path: str, st: os.stat_result) -> bool:
     except FileNotFoundError:
         return False
     return (cur.st_dev, cur.st_ino) == (st.st_dev, st.st_ino)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 def read_temp_roots(layout: StoreLayout, *, remove_stale: bool = False) -> dict[int, set[str]]:

@@ -19,6 +19,7 @@ import os
 import stat
 
 from nixwarden.shared import nar
+from nixwarden.shared.fdio import write_all
 
 CANONICAL_TIME = (1, 1)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -54,7 +55,7 @@ class Restorer:
     def apply(self, event) -> None:
         """Apply one parser event to the file system."""
         if isinstance(event, nar.Contents):
-            _write_all(self._file, event.data)
+            write_all(self._file, event.data)
         elif isinstance(event, nar.ContentsEnd):
             os.fchmod(self._file, self._file_mode)
             os.utime(self._file, CANONICAL_TIME)
@@ -84,12 +85,6 @@ class Restorer:
         for _, fd in self._dirs:
             os.close(fd)
         self._dirs = []
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    with memoryview(data) as view:
-        while view:
-            view = view[os.write(fd, view):]
 
 
 def remove_entry(parent_fd: int, name: str) -> int:
