@@ -17,6 +17,7 @@ from nixwarden.shared.errors import StoreRefusal, WorkerViolation
 from nixwarden.shared.logtypes import error_line, warning_line
 from nixwarden.shared.rpc import schema
 from nixwarden.shared.storepath import StorePath
+from nixwarden.supervisor.store.adding import drain
 
 
 _SHA256_HEX = re.compile("sha256:([0-9a-fA-F]{64})")
@@ -240,8 +241,7 @@ def on_add_to_store_nar(session, req: schema.AddToStoreNar):
     try:
         claim = _nar_claim(session, req)
     except StoreRefusal:
-        for _ in chunks:
-            pass
+        drain(chunks)
         raise
     trusted = session.identity.trusted
     session.writer.add_nar(claim, chunks, repair=req.repair and trusted,
@@ -257,8 +257,7 @@ def on_add_to_store(session, req: schema.AddToStore):
         method = ContentAddressMethod.parse(req.method)
         refs = checked_paths(session, req.references)
     except ValueError as exc:
-        for _ in chunks:
-            pass
+        drain(chunks)
         raise StoreRefusal(str(exc)) from None
     info = session.writer.add_content(req.name, method, refs, chunks, nar_input=req.nar_input,
                                       repair=req.repair and session.identity.trusted)
@@ -458,8 +457,7 @@ def on_add_build_log(session, req: schema.AddBuildLog):
 
 
 def refuse_build_log(session, req: schema.AddBuildLog):
-    for _ in session.stream():  # keep the stream in sync before refusing
-        pass
+    drain(session.stream())  # keep the stream in sync before refusing
     raise StoreRefusal("you are not privileged to add logs")
 
 

@@ -84,7 +84,7 @@ class StoreWriter:
             return name, incoming.finish()
         except BaseException as exc:
             try:
-                _drain(chunks)  # keep the worker's stream in sync, then fail
+                drain(chunks)  # keep the worker's stream in sync, then fail
             finally:
                 incoming.abort()  # even when the client vanished while draining
             refusal = _receive_refusal(exc)
@@ -101,11 +101,11 @@ class StoreWriter:
             StoreRefusal: a failed check, with CppNix's message.
         """
         if check_sigs and self._untrusted(claim):
-            _drain(chunks)
+            drain(chunks)
             raise StoreRefusal(f"cannot add path '{claim.path}' because it lacks a valid signature")
         self.temp_roots.add(claim.path)
         if not repair and self.db.is_valid(claim.path):
-            _drain(chunks)
+            drain(chunks)
             return
         ca_method = claim.ca.method_algo if claim.ca else None
         name, got = self._receive(chunks, nar_input=True, ca=ca_method)
@@ -203,12 +203,12 @@ class StoreWriter:
                     chunks, *, nar_input: bool, repair: bool) -> PathInfo:
         """Add content under the path its hash gives; return the path's info."""
         if method.method == "git":
-            _drain(chunks)
+            drain(chunks)
             raise StoreRefusal("git hashing is not supported by this daemon")
         refs = [self.store_dir.parse(r) for r in references]
         if refs and not (method.method == "text" or
                          (method.method == "nar" and method.algo == HashAlgo.SHA256)):
-            _drain(chunks)
+            drain(chunks)
             raise StoreRefusal(f"cannot add '{name}' with references: only text and "
                                "recursive sha256 content addresses may have references")
         try:
@@ -274,6 +274,7 @@ def _receive_refusal(exc: BaseException) -> StoreRefusal | None:
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _drain(chunks) -> None:
+def drain(chunks) -> None:
+    """Consume bulk data that will not be used (the stream stays in sync)."""
     for _ in chunks:
         pass
