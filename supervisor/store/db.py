@@ -539,14 +539,28 @@ class StoreDB:
         Raises:
             StoreRefusal: another valid path still refers to it.
         """
+        self.invalidate_paths([path])
+
+    def invalidate_paths(self, paths: Iterable[str]) -> None:
+        """Remove ``paths``, referrers first, from the database in one transaction.
+
+        Paths that are not valid are passed over.
+
+        Raises:
+            StoreRefusal: a valid path outside ``paths`` (or later in it)
+                still refers to one of them; then none is removed.
+        """
+        paths = list(paths)  # (run again as a whole when the database is busy)
+
         def run() -> None:
-            if self._path_id(path) is None:
-                return
-            others = [p for p in self.query_referrers(path) if p != path]
-            if others:
-                raise StoreRefusal(f"cannot delete path '{path}' because it is in use by "
-                                   f"{_show_paths(others)}")
-            self.conn.execute(_INVALIDATE, (path,))
+            for path in paths:
+                if self._path_id(path) is None:
+                    continue
+                others = [p for p in self.query_referrers(path) if p != path]
+                if others:
+                    raise StoreRefusal(f"cannot delete path '{path}' because it is in use by "
+                                       f"{_show_paths(others)}")
+                self.conn.execute(_INVALIDATE, (path,))
         self._write(run)
 
 

@@ -5,7 +5,8 @@ that add temporary roots meanwhile are heard (and wait if their path is
 being deleted right now), finds the roots, then walks the store: a path
 is garbage only if nothing reachable from it through referrers (and
 derivers or outputs, per ``keep-derivations``/``keep-outputs``) is a root.
-Garbage is invalidated in the database and deleted referrers first; each
+Garbage is invalidated in the database (one transaction per walk when no
+limit is set) and deleted referrers first; each
 path is first renamed to a trash name so a crash never leaves a half
 deleted valid path.  Process: session.
 
@@ -17,11 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import secrets
 import socket
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.storepath import BadStorePath, StoreDir, StorePath
@@ -45,7 +46,7 @@ class RootsServer:
     def __init__(self, path: str):
         self.path = path
         self.hash_parts: set[str] = set()
-        self.pending: str | None = None
+        self.pending: frozenset[str] = frozenset()  # being deleted right now
         self.cond = threading.Condition()
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         try:
@@ -74,16 +75,16 @@ class RootsServer:
                 hash_part = os.path.basename(path)[:32]
                 with self.cond:
                     self.hash_parts.add(hash_part)
-                    while self.pending == hash_part:
+                    while hash_part in self.pending:
                         self.cond.wait()
                 try:
                     conn.sendall(b"1")
                 except OSError:
                     return
 
-    def set_pending(self, hash_part: str | None) -> None:
+    def set_pending(self, hash_parts: frozenset[str]) -> None:
         with self.cond:
-            self.pending = hash_part
+            self.pending = hash_parts
             self.cond.notify_all()
 
     def is_temp_root(self, hash_part: str) -> bool:
@@ -112,22 +113,31 @@ class TrashRemover:
 
     def __init__(self, store_fd: int):
         self.store_fd = store_fd
-        self.pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="gc-trash")
-        self.futures = []
+        self.queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.freed = [0] * self.THREADS
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True,
+                                         name=f"gc-trash-{i}")
+                        for i in range(self.THREADS)]
+        for thread in self.threads:
+            thread.start()
 
     def submit(self, trash: str) -> None:
-        self.futures.append(self.pool.submit(remove_entry, self.store_fd, trash))
+        self.queue.put(trash)
+
+    def _run(self, index: int) -> None:
+        while (trash := self.queue.get()) is not None:
+            try:
+                self.freed[index] += remove_entry(self.store_fd, trash)
+            except OSError as exc:
+                log.error("cannot empty the garbage collector's trash: %s", exc)
 
     def finish(self) -> int:
         """Wait for every removal; return the bytes they freed."""
-        self.pool.shutdown(wait=True)
-        freed = 0
-        for future in self.futures:
-            try:
-                freed += future.result()
-            except OSError as exc:
-                log.error("cannot empty the garbage collector's trash: %s", exc)
-        return freed
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
+        return sum(self.freed)
 
 
 class Collector:
@@ -142,6 +152,9 @@ class Collector:
         self.dead: set[str] = set()
         self.results: list[str] = []
         self.bytes_freed = 0
+        # Trash names: unique within the run, and against a crashed run's leftovers.
+        self.trash_prefix = f".nixwarden-trash-{secrets.token_hex(8)}-"
+        self.trash_count = 0
 
     def collect(self, action: int, paths: list[str], max_freed: int) -> tuple[list[str], int]:
         deleting = action in (DELETE_DEAD, DELETE_SPECIFIC)
@@ -212,6 +225,7 @@ class Collector:
         if start in self.dead or start in self.alive:  # settled by an earlier walk
             return
         visited, todo = {start}, deque([start])
+        referrers: dict[str, list[str]] = {}  # of each path walked, for the order below
         while todo:
             path = todo.popleft()
             if path in self.alive:
@@ -224,20 +238,26 @@ class Collector:
                 return
             if self.action == DELETE_SPECIFIC and path not in self.requested:
                 return
-            for nxt in self._edges(path):
+            for nxt in self._edges(path, referrers):
                 if nxt not in visited:
                     visited.add(nxt)
                     todo.append(nxt)
-        for path in self._referrers_first(visited):
-            if path in self.dead:
-                continue
-            self.dead.add(path)
-            if self.deleting:
-                self._delete_path(path)
+        doomed = [p for p in self._referrers_first(visited, referrers) if p not in self.dead]
+        if not self.deleting:
+            self.dead.update(doomed)
+            return
+        # Without a limit, all of a walk's garbage goes in one transaction;
+        # with one, path by path, to stop as soon as enough is freed.
+        step = max(1, len(doomed)) if self.trash_remover is not None else 1
+        for i in range(0, len(doomed), step):
+            if not self._delete_paths(doomed[i:i + step]):
+                self.alive.update(doomed[i:])  # one became a temporary root since the walk
+                return
 
-    def _edges(self, path: str) -> list[str]:
+    def _edges(self, path: str, referrers: dict[str, list[str]]) -> list[str]:
         # (every query below answers nothing for an invalid path but the last)
-        out = list(self.db.query_referrers(path))
+        referrers[path] = self.db.query_referrers(path)
+        out = list(referrers[path])
         if self.keep_derivations and path.endswith(".drv"):
             for o in self.db.query_derivation_outputs(path).values():
                 if self.db.is_valid(o) and self.db.query_deriver(o) == path:
@@ -264,24 +284,34 @@ class Collector:
                 todo.extend(o for o in self.db.query_derivation_outputs(p).values()
                             if self.db.is_valid(o))
 
-    def _referrers_first(self, paths: set[str]) -> list[str]:
+    def _referrers_first(self, paths: set[str], referrers: dict[str, list[str]]) -> list[str]:
         """Order ``paths`` so that every referrer comes before what it refers to,
         exactly as Nix's ``topoSortPaths`` (depth first over the paths in
-        name order, reversed post-order), so deletions happen in Nix's order."""
+        name order, reversed post-order), so deletions happen in Nix's order.
+
+        The references among ``paths`` are read off the walk's ``referrers``
+        (a path the walk passed over as already deleted has none)."""
         key = os.path.basename
+        refs_within: dict[str, list[str]] = {p: [] for p in paths}
+        for path in paths:
+            for referrer in referrers.get(path, ()):
+                if referrer != path and referrer in refs_within:
+                    refs_within[referrer].append(path)
+        for refs in refs_within.values():
+            refs.sort(key=key)
         order: list[str] = []
         seen: set[str] = set()
         for first in sorted(paths, key=key):
             if first in seen:
                 continue
             seen.add(first)
-            stack = [(first, iter(self._refs_within(first, paths)))]
+            stack = [(first, iter(refs_within[first]))]
             while stack:
                 path, children = stack[-1]
                 for child in children:
                     if child not in seen:
                         seen.add(child)
-                        stack.append((child, iter(self._refs_within(child, paths))))
+                        stack.append((child, iter(refs_within[child])))
                         break
                 else:
                     stack.pop()
@@ -289,26 +319,28 @@ class Collector:
         order.reverse()
         return order
 
-    def _refs_within(self, path: str, paths: set[str]) -> list[str]:
-        return sorted((r for r in self.db.query_references(path) if r != path and r in paths),
-                      key=os.path.basename)
-
     # --- deleting --------------------------------------------------------------------
 
-    def _delete_path(self, path: str) -> None:
-        hash_part = os.path.basename(path)[:32]
-        self.server.set_pending(hash_part)
+    def _delete_paths(self, paths: list[str]) -> bool:
+        """Invalidate ``paths`` (referrers first) in one transaction and delete
+        them; False, touching nothing, if one is a temporary root by now."""
+        hash_parts = frozenset(os.path.basename(p)[:32] for p in paths)
+        self.server.set_pending(hash_parts)  # their announcements wait until we are done
         try:
-            if self.server.is_temp_root(hash_part):
-                return
-            self.db.invalidate_path(path)  # (nothing to do for an invalid path)
-            self._delete_entry(os.path.basename(path))
+            if any(self.server.is_temp_root(h) for h in hash_parts):
+                return False
+            self.dead.update(paths)
+            self.db.invalidate_paths(paths)  # (nothing to do for invalid ones)
+            for path in paths:
+                self._delete_entry(os.path.basename(path))
         finally:
-            self.server.set_pending(None)
+            self.server.set_pending(frozenset())
+        return True
 
     def _delete_entry(self, name: str) -> None:
         self.log(f"deleting '{self.store_dir}/{name}'")
-        trash = f".nixwarden-trash-{secrets.token_hex(8)}"
+        self.trash_count += 1
+        trash = f"{self.trash_prefix}{self.trash_count}"
         try:
             os.rename(name, trash, src_dir_fd=self.store_fd, dst_dir_fd=self.store_fd)
         except FileNotFoundError:
