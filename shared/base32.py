@@ -6,9 +6,14 @@ base32: the input is read as one little-endian integer and written most
 significant digit first, over an alphabet without ``e``, ``o``, ``t``, ``u``.
 """
 
+import re
+
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 
 _VALUE = {c: i for i, c in enumerate(ALPHABET)}
+_DIGITS = re.compile(f"[{ALPHABET}]*")
+# The same digit values in the alphabet ``int(text, 32)`` reads.
+_AS_INT_DIGITS = str.maketrans(ALPHABET, "0123456789abcdefghijklmnopqrstuv")
 
 
 def encoded_length(n_bytes: int) -> int:
@@ -53,12 +58,10 @@ def decode(text: str) -> bytes:
     n_bytes = _decoded_length(len(text))
     if encoded_length(n_bytes) != len(text):
         raise ValueError(f"invalid base-32 length {len(text)}")
-    value = 0
-    for c in text:
-        digit = _VALUE.get(c)
-        if digit is None:
-            raise ValueError(f"invalid character {c!r} in base-32 string")
-        value = (value << 5) | digit
+    if not _DIGITS.fullmatch(text):
+        bad = next(c for c in text if c not in _VALUE)
+        raise ValueError(f"invalid character {bad!r} in base-32 string")
+    value = int(text.translate(_AS_INT_DIGITS), 32) if text else 0
     if value >> (8 * n_bytes):
         raise ValueError("base-32 string has non-zero excess bits")
     return value.to_bytes(n_bytes, "little")

@@ -242,6 +242,11 @@ class BinaryCache:
         except UnicodeDecodeError:
             raise CacheFailure(f"NAR info file '{whence}' is corrupt (not UTF-8)") from None
 
+    def warm(self, paths: list[str]) -> None:
+        """Read the disk cache's entries of ``paths`` at once, before their ``query``."""
+        if self.disk_cache is not None:
+            self.disk_cache.warm(self.uri, [p.rsplit("/", 1)[1][:32] for p in paths])
+
     def query(self, path: str) -> NarInfo | None:
         """The narinfo of full store path ``path``; None if absent or for another path."""
         base = path.rsplit("/", 1)[1]

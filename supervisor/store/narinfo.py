@@ -28,6 +28,7 @@ from nixwarden.shared.storepath import BadStorePath, ContentAddress, StoreDir, S
 _UINT64_MAX = 2**64 - 1
 _DECIMAL = re.compile(r"[0-9]+")
 _PRIORITY = re.compile(r"\s*([+-]?[0-9]+)")
+_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _SINGLE = frozenset({"StorePath", "URL", "Compression", "FileHash", "FileSize", "NarHash",
                      "NarSize", "References", "Deriver", "System", "CA"})
 
@@ -212,7 +213,7 @@ def check_url(url: str) -> None:
     """
     if not url:
         raise ValueError("empty URL")
-    if any(ord(c) < 0x21 or c == "\x7f" for c in url):
+    if _SPACE_OR_CONTROL.search(url):
         raise ValueError("URL contains spaces or control characters")
     scheme, sep, _ = url.partition("://")
     if sep and "/" not in scheme:

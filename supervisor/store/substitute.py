@@ -121,6 +121,7 @@ class Substituters:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self.downloader.close()
+        self.disk_cache.close()
 
     def _emit(self, level: int, text: str) -> None:
         (self._current_log or self.log)(level, text)
@@ -208,15 +209,20 @@ class Substituters:
                      ) -> dict[str, tuple[BinaryCache, NarInfo]]:
         found: dict[str, tuple[BinaryCache, NarInfo]] = {}
         pool = self._lookup_pool()
-        for cache in caches:
-            remaining = [p for p in paths if p not in found]
-            if not remaining:
-                break
-            results = list(pool.map(lambda p, c=cache: self._lookup(c, p, cas.get(p)),
-                                    remaining))
-            for path, info in zip(remaining, results):
-                if info is not None:
-                    found[path] = (cache, info)
+        try:
+            for cache in caches:
+                remaining = [p for p in paths if p not in found]
+                if not remaining:
+                    break
+                if not cache.foreign:
+                    cache.warm(remaining)
+                results = list(pool.map(lambda p, c=cache: self._lookup(c, p, cas.get(p)),
+                                        remaining))
+                for path, info in zip(remaining, results):
+                    if info is not None:
+                        found[path] = (cache, info)
+        finally:
+            self.disk_cache.flush()
         return found
 
     def _lookup(self, cache: BinaryCache, path: str, ca: ContentAddress | None

@@ -33,6 +33,10 @@ LOCK = threading.Lock()
 class Handler(BaseHTTPRequestHandler):
     root = "."
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; without TCP_NODELAY each
+    # response of a kept-alive connection would wait ~40 ms for the client's
+    # delayed ACK (real servers such as nginx set it too).
+    disable_nagle_algorithm = True
 
     def log_message(self, *args) -> None:
         pass

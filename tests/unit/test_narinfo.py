@@ -12,6 +12,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import sqlite3
 
 import pytest
 import zstandard
@@ -225,8 +226,8 @@ def test_unsupported_methods():
 
 def test_disk_cache_ttls_and_refresh(tmp_path):
     now = [1000.0]
-    cache = NarInfoDiskCache(str(tmp_path), positive_ttl=100, negative_ttl=10,
-                             clock=lambda: now[0])
+    db = str(tmp_path / "cache.sqlite")
+    cache = NarInfoDiskCache(db, positive_ttl=100, negative_ttl=10, clock=lambda: now[0])
     uri, h = "http://c", "i9pmrzmpshapij2kin22pff6fc2adavx"
     assert cache.lookup(uri, h) == ("unknown", None)
     cache.record(uri, h, None)
@@ -237,23 +238,67 @@ def test_disk_cache_ttls_and_refresh(tmp_path):
     cache.record(uri, h, HELLO)
     now[0] += 99
     assert cache.lookup(uri, h) == ("present", HELLO)
-    refreshing = NarInfoDiskCache(str(tmp_path), positive_ttl=100, negative_ttl=10,
+    other_session = NarInfoDiskCache(db, positive_ttl=100, negative_ttl=10,
+                                     clock=lambda: now[0])
+    assert other_session.lookup(uri, h) == ("unknown", None)  # not written yet
+    cache.flush()
+    assert other_session.lookup(uri, h) == ("present", HELLO)  # one file for all sessions
+    refreshing = NarInfoDiskCache(db, positive_ttl=100, negative_ttl=10,
                                   refresh=True, clock=lambda: now[0])
     assert refreshing.lookup(uri, h) == ("unknown", None)
     now[0] += 1
     assert cache.lookup(uri, h) == ("unknown", None)
     cache.record_cache_info(uri, "StoreDir: /nix/store\n")
     assert cache.lookup_cache_info(uri) == "StoreDir: /nix/store\n"
+    now[0] += 7 * 24 * 3600
+    assert cache.lookup_cache_info(uri) is None
     with pytest.raises(ValueError):
         cache.lookup(uri, "../../x")
+    for c in (cache, other_session, refreshing):
+        c.close()
 
 
-def test_disk_cache_damaged_entry(tmp_path):
-    cache = NarInfoDiskCache(str(tmp_path), positive_ttl=100, negative_ttl=10)
+def test_disk_cache_purges_expired_entries_daily(tmp_path):
+    now = [1000.0]
+    db = str(tmp_path / "cache.sqlite")
+    first = NarInfoDiskCache(db, positive_ttl=100, negative_ttl=10, clock=lambda: now[0])
+    first.record("http://c", "a" * 32, HELLO)
+    first.record("http://c", "b" * 32, None)
+    first.close()
+
+    def rows():
+        with sqlite3.connect(db) as conn:
+            return sorted(r[0] for r in conn.execute("select hashPart from NarInfos"))
+
+    now[0] += 50  # the negative entry expired, but the last purge is recent
+    NarInfoDiskCache(db, positive_ttl=100, negative_ttl=10,
+                     clock=lambda: now[0]).lookup("http://c", "a" * 32)
+    assert rows() == ["a" * 32, "b" * 32]
+    now[0] += 24 * 3600
+    later = NarInfoDiskCache(db, positive_ttl=10**6, negative_ttl=10, clock=lambda: now[0])
+    assert later.lookup("http://c", "a" * 32) == ("present", HELLO)
+    assert rows() == ["a" * 32]
+    later.close()
+
+
+def test_disk_cache_damaged_entry_or_file(tmp_path):
+    db = tmp_path / "cache.sqlite"
+    cache = NarInfoDiskCache(str(db), positive_ttl=100, negative_ttl=10)
     uri, h = "http://c", "i9pmrzmpshapij2kin22pff6fc2adavx"
     cache.record(uri, h, HELLO)
-    (path,) = [p for p in tmp_path.rglob(h)]
-    path.write_text("{not json")
+    cache.flush()
+    with sqlite3.connect(db) as conn:
+        conn.execute("update NarInfos set time = 'x'")
     assert cache.lookup(uri, h) == ("unknown", None)
-    path.write_text('{"time": "x", "present": true}')
+    with sqlite3.connect(db) as conn:
+        conn.execute("update NarInfos set time = 1e12, present = 1, narinfo = null")
     assert cache.lookup(uri, h) == ("unknown", None)
+    cache.close()
+    for name in ("cache.sqlite-wal", "cache.sqlite-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    db.write_bytes(b"not a database" * 100)
+    broken = NarInfoDiskCache(str(db), positive_ttl=100, negative_ttl=10)
+    broken.record(uri, h, HELLO)
+    broken.flush()  # cannot be written: no error
+    assert broken.lookup(uri, h) == ("unknown", None)
+    assert broken.lookup_cache_info(uri) is None
