@@ -6,9 +6,9 @@ being deleted right now), finds the roots, then walks the store: a path
 is garbage only if nothing reachable from it through referrers (and
 derivers or outputs, per ``keep-derivations``/``keep-outputs``) is a root.
 Garbage is invalidated in the database (one transaction per walk when no
-limit is set) and deleted referrers first; each
-path is first renamed to a trash name so a crash never leaves a half
-deleted valid path.  Process: session.
+limit is set) and deleted referrers first; each path is first renamed to a
+trash name so a crash never leaves a half deleted valid path.  Process:
+session.
 
 Trust: the request (action, paths, limit) comes from a client through a
 worker; paths were checked by the session, liveness can never be ignored.
