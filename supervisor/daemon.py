@@ -20,6 +20,7 @@ import selectors
 import signal
 import socket
 
+from nixwarden.shared import limits
 from nixwarden.shared.rpc.channel import open_pipes
 from nixwarden.shared.rpc.handover import Assignment
 from nixwarden.shared.version import NIX_COMPAT_VERSION
@@ -28,9 +29,6 @@ from nixwarden.supervisor.session.process import session_main
 
 log = logging.getLogger("nixwarden")
 
-#: How long the accept loop waits before refilling the session pool: sessions
-#: are forked when no connection is waiting, never in front of one.
-IDLE_FILL = 0.005
 
 
 class Daemon:
@@ -114,8 +112,10 @@ class Daemon:
 
     def _loop(self, sel, wake_r: int) -> int:
         while not self.stopping:
+            if not self.pool.ready:
+                self.pool.fill(1)  # the next connection must not wait for a fork
             full = len(self.pool.ready) >= self.pool.size
-            events = sel.select(timeout=None if full else IDLE_FILL)
+            events = sel.select(timeout=None if full else limits.POOL_REFILL_IDLE)
             if not events:
                 self.pool.fill()  # forks happen while no client is waiting
             for key, _ in events:

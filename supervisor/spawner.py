@@ -128,8 +128,9 @@ class SessionPool:
         theirs.close()
         return SessionHandle(proc, ours)
 
-    def fill(self) -> None:
-        while len(self.ready) < self.size:
+    def fill(self, upto: int | None = None) -> None:
+        """Fork sessions until ``upto`` (default: the pool's size) are ready."""
+        while len(self.ready) < (self.size if upto is None else upto):
             self.ready.append(self._spawn())
 
     def take(self) -> SessionHandle:

@@ -121,7 +121,14 @@ class Zygote:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self._fill_pool()
         while True:
-            readable, _, _ = select.select([self.ctl, wake_r], [], [])
+            if not self.ready:
+                self._fork_ready()  # the next connection must not wait for a fork
+            full = len(self.ready) >= limits.WORKER_POOL
+            readable, _, _ = select.select([self.ctl, wake_r], [], [],
+                                           None if full else limits.POOL_REFILL_IDLE)
+            if not readable:
+                self._fill_pool()  # forks happen while no connection is starting
+                continue
             if wake_r in readable:
                 while True:
                     try:
@@ -136,4 +143,3 @@ class Zygote:
             if self.crashes >= limits.ZYGOTE_MAX_CRASHES:
                 log.error("%d worker crashes: asking for a fresh zygote", self.crashes)
                 return EXIT_REPLACE
-            self._fill_pool()

@@ -9,7 +9,8 @@ starts; nixwarden serves one and nix-daemon the other.  Measured for each
 daemon, alternating between them:
 
 * connect + handshake latency: connect .. the initial STDERR_LAST, with a
-  protocol 1.34 client (tests/lib/wclient.py), N=200, median;
+  protocol 1.34 client (tests/lib/wclient.py), N=200, median: connections
+  back to back, and again 50 ms apart (as separate client commands come);
 * IsValidPath and QueryPathInfo round trips per second on one connection
   (N=2000), median of ``--rounds``;
 * the same with 16 concurrent connections (one client process each), total
@@ -46,6 +47,7 @@ from lib.wclient import WClient  # noqa: E402
 
 MINOR = 34
 HANDSHAKE_N = 200
+HANDSHAKE_GAP = 0.05  # seconds between connections in the spaced run
 SINGLE_N = 2000
 CONCURRENT_CONNS = 16
 CONCURRENT_N_EACH = 250
@@ -77,8 +79,10 @@ def connect(env: NixEnv) -> WClient:
 # --- measurements -------------------------------------------------------------------
 
 
-def handshake_latency(envs: dict[str, NixEnv], n: int) -> dict[str, list[float]]:
-    """connect .. initial STDERR_LAST, alternating between the daemons."""
+def handshake_latency(envs: dict[str, NixEnv], n: int, gap: float = 0.0
+                      ) -> dict[str, list[float]]:
+    """connect .. initial STDERR_LAST, alternating between the daemons, with
+    ``gap`` seconds between one connection's end and the next one."""
     samples: dict[str, list[float]] = {name: [] for name in envs}
     for i in range(n + 10):
         for name, env in envs.items():
@@ -88,6 +92,7 @@ def handshake_latency(envs: dict[str, NixEnv], n: int) -> dict[str, list[float]]
             client.close()
             if i >= 10:  # warm-up
                 samples[name].append(t1 - t0)
+            time.sleep(gap)
     return samples
 
 
@@ -239,9 +244,11 @@ def main() -> int:
 
         results: dict[str, dict[str, float]] = {name: {} for name in envs}
         lat = handshake_latency(envs, HANDSHAKE_N)
+        spaced = handshake_latency(envs, HANDSHAKE_N, HANDSHAKE_GAP)
         for name in envs:
             results[name]["lat"] = statistics.median(lat[name]) * 1000
             results[name]["lat90"] = statistics.quantiles(lat[name], n=10)[-1] * 1000
+            results[name]["lat_spaced"] = statistics.median(spaced[name]) * 1000
 
         for op in ("IsValidPath", "QueryPathInfo"):
             single = {name: [] for name in envs}
@@ -277,6 +284,8 @@ def main() -> int:
     print(common.row(f"connect+handshake latency, median (ms) N={HANDSHAKE_N}",
                      nw["lat"], nd["lat"], "{:.3f}"))
     print(common.row("connect+handshake latency, p90 (ms)", nw["lat90"], nd["lat90"], "{:.3f}"))
+    print(common.row(f"  the same, {HANDSHAKE_GAP * 1000:.0f} ms apart, median (ms)",
+                     nw["lat_spaced"], nd["lat_spaced"], "{:.3f}"))
     for op in ("IsValidPath", "QueryPathInfo"):
         print(common.row(f"{op}/s, 1 connection (N={SINGLE_N})", nw[f"{op}1"], nd[f"{op}1"],
                   "{:.0f}"))

@@ -206,3 +206,38 @@ def test_old_schema_store_upgraded_while_clients_connect(env):
             assert f.read() == "10"
     finally:
         d.stop()
+
+
+def _titles(pid: int) -> list[str]:
+    out = []
+    for p in descendants(pid):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                out.append(f.read().replace(b"\0", b" ").decode().strip())
+        except OSError:
+            pass
+    return out
+
+
+def test_pools_are_refilled_after_connections(env):
+    """Sessions and workers are forked ahead of connections: after a burst
+    that uses up both pools, and after single connections, both are full
+    again once the daemon is idle (the refill waits for a quiet moment)."""
+    from nixwarden.shared import limits
+    daemon = start_nixwarden(env)
+    try:
+        clients = [WClient(env.socket_path, minor=34) for _ in range(limits.SESSION_POOL + 2)]
+        for c in clients:
+            assert c.is_valid_path(env.store_dir + "/" + "0" * 32 + "-x") is False
+            c.close()
+        WClient(env.socket_path, minor=34).close()
+
+        def ready(kind: str) -> int:
+            return sum(1 for t in _titles(daemon.proc.pid) if t == f"nixwarden {kind} (ready)")
+
+        deadline = time.monotonic() + 10
+        while (ready("session"), ready("worker")) != (limits.SESSION_POOL, limits.WORKER_POOL):
+            assert time.monotonic() < deadline, _titles(daemon.proc.pid)
+            time.sleep(0.05)
+    finally:
+        daemon.stop()
