@@ -2,8 +2,9 @@
 
 ``Downloader`` fetches small files whole (``get``) or streams large ones
 (``stream``) from ``http://``, ``https://`` (one urllib3 ``PoolManager``,
-connections reused, ``http-connections`` kept per host) and from local
-files (``file://`` caches).  Errors are classified as Nix 2.8's
+connections reused, ``http-connections`` kept per host; a small file's
+plain first attempt goes through ``keepalive.QuickGetter``, cheaper per
+request) and from local files (``file://`` caches).  Errors are classified as Nix 2.8's
 ``filetransfer.cc`` does (404/410 not found, 401/403/407 forbidden, most
 4xx and 501/505/511 hopeless, the rest transient) and transient ones are
 retried ``download-attempts`` times with Nix's back-off (250 ms * 2^(n-1+U),
@@ -34,6 +35,7 @@ import urllib3
 import zstandard
 
 from nixwarden.shared.logtypes import ANSI_NORMAL, ANSI_WARNING
+from nixwarden.supervisor.store.keepalive import QuickGetter
 
 CHUNK = 256 * 1024
 #: Nix's FileTransferRequest::baseRetryTimeMs.
@@ -43,6 +45,7 @@ BASE_RETRY_MS = 250
 ERROR_BODY_MAX = 64 * 1024
 
 NOT_FOUND, FORBIDDEN, MISC, TRANSIENT = "not-found", "forbidden", "misc", "transient"
+USER_AGENT = "nixwarden"
 
 
 class TransferError(Exception):
@@ -92,12 +95,16 @@ class Downloader:
         self.timeout = urllib3.Timeout(connect=connect_timeout or 300,
                                        read=stall_timeout or None)
         self.pool = urllib3.PoolManager(num_pools=16, maxsize=max(1, connections),
-                                        block=False, headers={"User-Agent": "nixwarden"})
+                                        block=False, headers={"User-Agent": USER_AGENT})
+        self.quick = QuickGetter(max_idle=max(1, connections),
+                                 connect_timeout=connect_timeout or 300,
+                                 read_timeout=stall_timeout or None, user_agent=USER_AGENT)
         self._retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0,
                                       redirect=10, raise_on_redirect=True)
 
     def close(self) -> None:
         self.pool.clear()
+        self.quick.close()
 
     # --- whole files ----------------------------------------------------------------
 
@@ -109,8 +116,17 @@ class Downloader:
         """
         if url.startswith("file://"):
             return _read_file(url[len("file://"):], max_size)
+        first_error = None
+        quick = self.quick.get(url, max_size)
+        if quick is not None:  # the plain case, done cheaply; else urllib3 decides
+            status, reason, body = quick
+            if status == 200:
+                return body
+            if _classify(status) in (NOT_FOUND, FORBIDDEN):
+                return None
+            first_error = _http_error(url, status, reason, body)
         try:
-            return b"".join(self._http_chunks(url, max_size=max_size))
+            return b"".join(self._http_chunks(url, max_size=max_size, first_error=first_error))
         except TransferError as e:
             if e.kind in (NOT_FOUND, FORBIDDEN):
                 return None
@@ -130,9 +146,16 @@ class Downloader:
         return self._http_chunks(url, progress=progress)
 
     def _http_chunks(self, url: str, *, max_size: int | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> Iterator[bytes]:
+                     progress: Callable[[int, int], None] | None = None,
+                     first_error: TransferError | None = None) -> Iterator[bytes]:
+        """The body of ``url``, retried as Nix does; ``first_error``: how a
+        first attempt made elsewhere failed (it counts as attempt 1)."""
         written = 0
         attempt = 0
+        if first_error is not None:
+            attempt = 1
+            if not self._retry(first_error, attempt, written, False):
+                raise first_error
         while True:
             attempt += 1
             resumable = False
@@ -174,8 +197,7 @@ class Downloader:
                 body = b""
             resp.drain_conn()
             resp.release_conn()
-            raise TransferError(_classify(resp.status), with_response_body(
-                f"unable to download '{url}': HTTP error {resp.status} ('{reason}')", body))
+            raise _http_error(url, resp.status, reason, body)
         return resp
 
     def _retry(self, e: TransferError, attempt: int, written: int, resumable: bool) -> bool:
@@ -188,6 +210,11 @@ class Downloader:
             self.warn(f"{e.message}; retrying in {ms} ms")
         time.sleep(ms / 1000)
         return True
+
+
+def _http_error(url: str, status: int, reason: str, body: bytes) -> TransferError:
+    return TransferError(_classify(status), with_response_body(
+        f"unable to download '{url}': HTTP error {status} ('{reason}')", body))
 
 
 def _accepts_ranges(resp) -> bool:
