@@ -30,7 +30,6 @@ from nixwarden.supervisor.session.process import session_main
 log = logging.getLogger("nixwarden")
 
 
-
 class Daemon:
     def __init__(self, opts, locations, layout, worker_user: str, log_level: str):
         self.opts = opts
