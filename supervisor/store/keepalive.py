@@ -8,7 +8,9 @@ earlier one to the same host (at most ``max_idle`` kept per host), and
 answers the response's ``(status, reason, body)``.  It answers None, and
 the caller's general client takes over, whenever more than the plain case
 is involved: a connection that cannot be made or fails, a redirect, an
-encoded or too long body, a URL with credentials.  Process: session.
+encoded or too long body, a URL with credentials.  A timeout is the one
+failure it reports (``TimeoutError``): that attempt is over.  Process:
+session.
 
 Trust: servers are untrusted; a body is read up to ``max_size`` + 1 bytes,
 never more, and only what ``transfer.Downloader`` makes of the answer
@@ -46,7 +48,12 @@ class QuickGetter:
                 conn.close()
 
     def get(self, url: str, max_size: int) -> tuple[int, str, bytes] | None:
-        """``(status, reason, body)`` of a GET of ``url``; None: use the general client."""
+        """``(status, reason, body)`` of a GET of ``url``; None: use the general client.
+
+        Raises:
+            TimeoutError: connecting or a read took longer than its timeout
+                (a failed attempt: the general client would only wait again).
+        """
         try:
             parts = urllib.parse.urlsplit(url)
             port = parts.port
@@ -60,13 +67,17 @@ class QuickGetter:
         for reuse in (True, False):  # a kept connection the server has closed: a new one
             try:
                 conn, reused = self._take(key, reuse)
+            except TimeoutError:
+                raise
             except (OSError, http.client.HTTPException, ValueError):
                 return None
             try:
                 return self._exchange(key, conn, target, max_size)
-            except (OSError, http.client.HTTPException, ValueError):
+            except (OSError, http.client.HTTPException, ValueError) as exc:
                 conn.close()
                 if not reused:
+                    if isinstance(exc, TimeoutError):
+                        raise
                     return None
         return None
 

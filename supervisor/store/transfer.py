@@ -117,7 +117,12 @@ class Downloader:
         if url.startswith("file://"):
             return _read_file(url[len("file://"):], max_size)
         first_error = None
-        quick = self.quick.get(url, max_size)
+        try:
+            quick = self.quick.get(url, max_size)
+        except TimeoutError:
+            quick = None
+            first_error = TransferError(
+                TRANSIENT, f"unable to download '{url}': Timeout was reached (28)")
         if quick is not None:  # the plain case, done cheaply; else urllib3 decides
             status, reason, body = quick
             if status == 200:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import gzip
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from nixwarden.supervisor.store.keepalive import QuickGetter
-from nixwarden.supervisor.store.transfer import Downloader
+from nixwarden.supervisor.store.transfer import Downloader, TransferError
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -41,6 +42,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = b"x" * 5000
         elif self.path == "/500once" and count == 1:
             status, body = 500, b"oops"
+        elif self.path == "/stall":
+            time.sleep(1.5)
         elif self.path == "/close":
             headers = {"Connection": "close"}
             self.close_connection = True
@@ -121,3 +124,21 @@ def test_downloader_get_falls_back_and_retries_as_before(server):
         assert srv.requests["/500once"] == 2
     finally:
         d.close()
+
+
+def test_a_stalled_first_attempt_counts_as_one(server):
+    """A read timeout is the one failure the quick path reports: urllib3 does
+    not ask again within the same attempt."""
+    srv, url = server
+    getter = QuickGetter(max_idle=1, connect_timeout=5, read_timeout=0.3, user_agent="t")
+    with pytest.raises(TimeoutError):
+        getter.get(f"{url}/stall", 1024)
+    d = Downloader(connections=1, stall_timeout=1, attempts=1)
+    try:
+        with pytest.raises(TransferError) as e:
+            d.get(f"{url}/stall", max_size=1024)
+        assert e.value.message == f"unable to download '{url}/stall': Timeout was reached (28)"
+    finally:
+        d.close()
+    time.sleep(1.5)  # the server's handlers finish
+    assert srv.requests["/stall"] == 2  # one per client, none repeated
