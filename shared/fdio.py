@@ -1,8 +1,9 @@
 """Writing whole buffers to file descriptors (pipes, sockets, files).
 
-``os.write`` may write less than it was given (a pipe or socket that is
-full, a signal); every caller that must write everything uses this one
-loop.  No buffering, no copying: the data is written from where it lies.
+``os.write`` and ``os.writev`` may write less than they were given (a
+pipe or socket that is full, a signal); every caller that must write
+everything uses these loops.  No buffering, no copying: the data is
+written from where it lies.
 """
 
 from __future__ import annotations
@@ -15,3 +16,18 @@ def write_all(fd: int, data) -> None:
     with memoryview(data) as view:
         while view:
             view = view[os.write(fd, view):]
+
+
+def writev_all(fd: int, buffers: list) -> None:
+    """Write all of ``buffers`` (bytes-like objects), in order, to ``fd``,
+    gathered by ``os.writev`` rather than joined first."""
+    bufs = list(buffers)
+    while bufs:
+        n = os.writev(fd, bufs)
+        done = 0
+        while done < len(bufs) and n >= len(bufs[done]):
+            n -= len(bufs[done])
+            done += 1
+        bufs = bufs[done:]
+        if n:
+            bufs[0] = memoryview(bufs[0])[n:]

@@ -88,12 +88,9 @@ class ClientConnection:
     def flush(self) -> None:
         if self._out:
             data, self._out = self._out, bytearray()
-            self._write_all(data)
+            write_all(self.write_fd, data)
 
     def write_now(self, data: bytes) -> None:
         """Write ``data`` after whatever is buffered, without copying it."""
         self.flush()
-        self._write_all(data)
-
-    def _write_all(self, data) -> None:
         write_all(self.write_fd, data)

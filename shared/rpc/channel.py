@@ -14,7 +14,7 @@ import fcntl
 import os
 
 from nixwarden.shared.errors import WorkerViolation
-from nixwarden.shared.fdio import write_all
+from nixwarden.shared.fdio import write_all, writev_all
 from nixwarden.shared.rpc import codec
 
 #: Pipe capacity asked for (the default is 64 KiB): about a stream
@@ -81,17 +81,8 @@ class Channel:
     def send_chunk(self, pieces: list) -> None:
         """Send one ``schema.Chunk`` whose data is ``pieces`` joined, written
         from where the pieces lie (no frame is assembled in memory)."""
-        head = codec.chunk_frame_head(sum(len(p) for p in pieces))
-        bufs = [head, *pieces]
-        while bufs:
-            n = os.writev(self.write_fd, bufs)
-            done = 0
-            while done < len(bufs) and n >= len(bufs[done]):
-                n -= len(bufs[done])
-                done += 1
-            bufs = bufs[done:]
-            if n:
-                bufs[0] = memoryview(bufs[0])[n:]
+        writev_all(self.write_fd, [codec.chunk_frame_head(sum(len(p) for p in pieces)),
+                                   *pieces])
 
     def recv_frame(self, bulk: bool = False) -> bytes | memoryview:
         """Return the next frame's payload: bytes, or a read-only view of a
