@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 
 from nixwarden.shared import nar
 from nixwarden.shared.fdio import write_all
@@ -101,8 +102,7 @@ def remove_entry(parent_fd: int, name: str) -> int:
     except FileNotFoundError:
         return 0
     if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=parent_fd)
-        return _freed_by(st)
+        return _unlink_counted(parent_fd, name, st)
     make_writable = os.geteuid() != 0
     freed = 0
     stack: list[tuple[int, str, int, list]] = []  # (parent fd, name, fd, entries left)
@@ -129,8 +129,7 @@ def remove_entry(parent_fd: int, name: str) -> int:
                 if stat.S_ISDIR(st.st_mode):
                     enter(fd, entry.name)
                     break
-                os.unlink(entry.name, dir_fd=fd)
-                freed += _freed_by(st)
+                freed += _unlink_counted(fd, entry.name, st)
             else:
                 stack.pop()
                 os.close(fd)
@@ -151,5 +150,21 @@ def remove_path(path: str) -> int:
         os.close(parent_fd)
 
 
-def _freed_by(st: os.stat_result) -> int:
+#: Held from the link count's reading to the unlink for files with more
+#: than one link: two threads removing two links of one file (the GC's
+#: trash threads, after ``--optimise``) must not both see the other link
+#: still there, or neither would count the file as freed.
+_LINKED = threading.Lock()
+
+
+def _unlink_counted(dir_fd: int, name: str, st: os.stat_result) -> int:
+    """Unlink ``name``; return the bytes that frees as Nix counts them: the
+    size of a file with at most two links left (the last one, or the last
+    but the store's ``.links`` entry)."""
+    if st.st_nlink == 1:
+        os.unlink(name, dir_fd=dir_fd)
+        return st.st_size
+    with _LINKED:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        os.unlink(name, dir_fd=dir_fd)
     return st.st_size if st.st_nlink <= 2 else 0

@@ -372,3 +372,32 @@ def test_remove_path_removes_the_last_component_only(tmp_path):
     assert remove_path(str(tmp_path / "link")) == len(str(tmp_path / "kept"))  # not followed
     assert remove_path(str(tmp_path / "missing")) == 0
     assert sorted(os.listdir(tmp_path)) == ["kept"]
+
+
+def test_two_links_removed_at_once_count_the_file_once(area):
+    """Two trees hard-linking the same files (plus a ``.links``-like third
+    link), removed on two threads at once as the GC's trash threads do:
+    each file is counted as freed exactly once, by whichever removal
+    leaves it with only the third link."""
+    import threading
+    fd, parent, _ = area
+    base = str(parent)
+    os.mkdir(f"{base}/links")
+    for tree in ("a", "b"):
+        os.mkdir(f"{base}/{tree}")
+    sizes = 0
+    for i in range(2000):
+        with open(f"{base}/links/{i}", "wb") as f:
+            f.write(b"x" * (i % 7 + 1))
+        sizes += i % 7 + 1
+        for tree in ("a", "b"):
+            os.link(f"{base}/links/{i}", f"{base}/{tree}/{i}")
+    freed: dict[str, int] = {}
+    threads = [threading.Thread(target=lambda t=t: freed.__setitem__(t, remove_entry(fd, t)))
+               for t in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert freed["a"] + freed["b"] == sizes
+    assert all(os.stat(f"{base}/links/{i}").st_nlink == 1 for i in range(2000))
