@@ -142,10 +142,12 @@ class Daemon:
             except trust.Refused as exc:
                 log.error("error processing connection: %s", exc)
                 return
+            self._start_connection(ident, conn.fileno(), conn.fileno())
+            # Logged once the worker has the connection: the line is not on
+            # the client's critical path.
             log.info("accepted connection from pid %s, user %s%s",
                      ident.pid if ident.pid is not None else "<unknown>",
                      ident.user or "<unknown>", " (trusted)" if ident.trusted else "")
-            self._start_connection(ident, conn.fileno(), conn.fileno())
 
     def _identify(self, conn: socket.socket) -> trust.Identity:
         force = self.opts.trust_override

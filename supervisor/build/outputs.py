@@ -27,6 +27,7 @@ from nixwarden.supervisor.build import ca
 from nixwarden.supervisor.build.canonical import canonicalise
 from nixwarden.supervisor.build.outputchecks import check_outputs
 from nixwarden.supervisor.store.pathinfo import PathInfo
+from nixwarden.supervisor.store import signatures
 from nixwarden.supervisor.store.restore import remove_entry
 
 
@@ -225,7 +226,6 @@ class OutputRegistrar:
     def _secret_keys(self):
         """The keys of ``secret-key-files`` (read once per build request)."""
         if not hasattr(self, "_keys"):
-            from nixwarden.supervisor.store import signatures
             self._keys = []
             for name in self.r.settings.get("secret-key-files"):
                 with open(name) as f:
@@ -236,7 +236,6 @@ class OutputRegistrar:
         keys = self._secret_keys()
         if not keys:
             return ()
-        from nixwarden.supervisor.store import signatures
         fp = signatures.fingerprint(path, nar_hash, nar_size, sorted(refs))
         return tuple(sorted(signatures.sign(k, fp) for k in keys))
 

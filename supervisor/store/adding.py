@@ -25,6 +25,7 @@ from nixwarden.shared.errors import StoreRefusal
 from nixwarden.shared.hashes import Hash, HashAlgo
 from nixwarden.shared.storepath import (ContentAddress, ContentAddressMethod,
                                         StoreDir, StorePath)
+from nixwarden.supervisor.store import signatures
 from nixwarden.supervisor.store.incoming import Incoming, NotRegularFile, temp_entry_name
 from nixwarden.supervisor.store.locks import PathLock
 from nixwarden.supervisor.store.pathinfo import PathInfo
@@ -66,7 +67,6 @@ class StoreWriter:
 
     def set_policy(self, settings) -> None:
         """Signature policy from the session's settings (again after SetOptions)."""
-        from nixwarden.supervisor.store import signatures
         self.require_sigs = bool(settings.require_sigs)
         self.auto_optimise = bool(getattr(settings, "get", lambda _: False)("auto-optimise-store"))
         self.public_keys = signatures.load_public_keys(settings.trusted_public_keys,
@@ -171,7 +171,6 @@ class StoreWriter:
             return False
         if claim.ca is not None and self._ca_matches_path(claim.path, claim.ca, claim.references):
             return False
-        from nixwarden.supervisor.store import signatures
         if claim.nar_size == 0:
             return True
         return signatures.check_path_sigs(claim.path, claim.nar_hash, claim.nar_size,
