@@ -25,7 +25,7 @@ from nixwarden.shared.rpc.channel import open_pipes
 from nixwarden.shared.rpc.handover import Assignment
 from nixwarden.shared.version import NIX_COMPAT_VERSION
 from nixwarden.supervisor import listener, spawner, trust
-from nixwarden.supervisor.session.process import session_main
+from nixwarden.supervisor.session.process import preload, session_main
 
 log = logging.getLogger("nixwarden")
 
@@ -86,6 +86,7 @@ class Daemon:
 
     def serve_socket(self, sockets: list[socket.socket], bound_path: str | None) -> int:
         spawner.title("supervisor")
+        preload()
         # Objects that exist now are shared with every forked session; keep
         # the cyclic collector from touching (and so copying) their pages.
         gc.freeze()

@@ -8,6 +8,7 @@ its temporary GC roots end with it.  Process: session.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -24,6 +25,43 @@ from nixwarden.supervisor.store.db import NIX_SCHEMA_VERSION, StoreDB
 from nixwarden.supervisor.store.locks import TempRoots
 
 log = logging.getLogger("nixwarden.session")
+
+#: Modules the session code imports inside functions (where a module-level
+#: import would be circular, or only some requests need them): builds,
+#: substitution (urllib3, ssl, the decompressors), GC, verify, optimise.
+#: The supervisor imports them all before it forks its pooled sessions
+#: (``preload``), so no connection spends its session's time importing
+#: them (the substitution modules alone take ~85 ms) and their pages stay
+#: shared.  ``tests/unit/test_preload.py`` checks that the list is complete.
+SESSION_MODULES = (
+    "nixwarden.shared.derivation",
+    "nixwarden.shared.derivation_hash",
+    "nixwarden.supervisor.build.buildlog",
+    "nixwarden.supervisor.build.buildusers",
+    "nixwarden.supervisor.build.builtins",
+    "nixwarden.supervisor.build.ca",
+    "nixwarden.supervisor.build.env",
+    "nixwarden.supervisor.build.prepare",
+    "nixwarden.supervisor.build.realise",
+    "nixwarden.supervisor.build.refscan",
+    "nixwarden.supervisor.build.sandbox",
+    "nixwarden.supervisor.build.sandboxing",
+    "nixwarden.supervisor.session.missing",
+    "nixwarden.supervisor.session.restricted",
+    "nixwarden.supervisor.store.drvoutputs",
+    "nixwarden.supervisor.store.gc",
+    "nixwarden.supervisor.store.gcroots",
+    "nixwarden.supervisor.store.optimise",
+    "nixwarden.supervisor.store.roots",
+    "nixwarden.supervisor.store.substitute",
+    "nixwarden.supervisor.store.verify",
+)
+
+
+def preload() -> None:
+    """Import ``SESSION_MODULES`` (in the supervisor, before any fork)."""
+    for name in SESSION_MODULES:
+        importlib.import_module(name)
 
 
 def _close_inherited(keep: set[int]) -> None:

@@ -209,14 +209,7 @@ def test_old_schema_store_upgraded_while_clients_connect(env):
 
 
 def _titles(pid: int) -> list[str]:
-    out = []
-    for p in descendants(pid):
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                out.append(f.read().replace(b"\0", b" ").decode().strip())
-        except OSError:
-            pass
-    return out
+    return [t for t in map(_title, descendants(pid)) if t]
 
 
 def test_pools_are_refilled_after_connections(env):
@@ -241,3 +234,28 @@ def test_pools_are_refilled_after_connections(env):
             time.sleep(0.05)
     finally:
         daemon.stop()
+
+
+def test_pooled_sessions_already_hold_the_substitution_and_signature_code(env):
+    """The supervisor imports what sessions import on demand before it forks
+    them (session.process.preload): a pooled session, before any connection,
+    maps the ssl and cryptography extensions (substitution, signatures)."""
+    daemon = start_nixwarden(env)
+    try:
+        sessions = [p for p in descendants(daemon.proc.pid)
+                    if _title(p) == "nixwarden session (ready)"]
+        assert sessions, _titles(daemon.proc.pid)
+        with open(f"/proc/{sessions[0]}/maps") as f:
+            maps = f.read()
+        assert "/_ssl." in maps, "ssl (urllib3, substitution) not preloaded"
+        assert "cryptography" in maps, "cryptography (signatures) not preloaded"
+    finally:
+        daemon.stop()
+
+
+def _title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
