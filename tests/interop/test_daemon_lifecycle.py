@@ -208,10 +208,6 @@ def test_old_schema_store_upgraded_while_clients_connect(env):
         d.stop()
 
 
-def _titles(pid: int) -> list[str]:
-    return [t for t in map(_title, descendants(pid)) if t]
-
-
 def test_pools_are_refilled_after_connections(env):
     """Sessions and workers are forked ahead of connections: after a burst
     that uses up both pools, and after single connections, both are full
@@ -226,11 +222,11 @@ def test_pools_are_refilled_after_connections(env):
         WClient(env.socket_path, minor=34).close()
 
         def ready(kind: str) -> int:
-            return sum(1 for t in _titles(daemon.proc.pid) if t == f"nixwarden {kind} (ready)")
+            return titles(descendants(daemon.proc.pid)).count(f"nixwarden {kind} (ready)")
 
         deadline = time.monotonic() + 10
         while (ready("session"), ready("worker")) != (limits.SESSION_POOL, limits.WORKER_POOL):
-            assert time.monotonic() < deadline, _titles(daemon.proc.pid)
+            assert time.monotonic() < deadline, titles(descendants(daemon.proc.pid))
             time.sleep(0.05)
     finally:
         daemon.stop()
@@ -242,20 +238,14 @@ def test_pooled_sessions_already_hold_the_substitution_and_signature_code(env):
     maps the ssl and cryptography extensions (substitution, signatures)."""
     daemon = start_nixwarden(env)
     try:
-        sessions = [p for p in descendants(daemon.proc.pid)
-                    if _title(p) == "nixwarden session (ready)"]
-        assert sessions, _titles(daemon.proc.pid)
+        deadline = time.monotonic() + 10
+        while not (sessions := [p for p in descendants(daemon.proc.pid)
+                                if titles([p]) == ["nixwarden session (ready)"]]):
+            assert time.monotonic() < deadline, titles(descendants(daemon.proc.pid))
+            time.sleep(0.05)
         with open(f"/proc/{sessions[0]}/maps") as f:
             maps = f.read()
         assert "/_ssl." in maps, "ssl (urllib3, substitution) not preloaded"
         assert "cryptography" in maps, "cryptography (signatures) not preloaded"
     finally:
         daemon.stop()
-
-
-def _title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
