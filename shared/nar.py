@@ -363,28 +363,32 @@ class NarParser:
     def _step(self, view: memoryview, pos: int) -> int:
         if self._mode == _CONTENTS:
             return self._step_contents(view, pos)
-        take = min(self._need - len(self._part), len(view) - pos)
-        self._part += view[pos:pos + take]
-        if len(self._part) == self._need:
-            self._complete()
+        need, part = self._need, self._part
+        if not part and len(view) - pos >= need:
+            # The whole field is at hand (the usual case): no copy into _part.
+            self._complete(view[pos:pos + need])
+            return pos + need
+        take = min(need - len(part), len(view) - pos)
+        part += view[pos:pos + take]
+        if len(part) == need:
+            field = bytes(part)
+            part.clear()
+            self._complete(field)
         return pos + take
 
-    def _complete(self) -> None:
-        part, mode = self._part, self._mode
+    def _complete(self, field) -> None:
+        """Act on one whole field: a length, or a value with its padding."""
+        mode = self._mode
         if mode == _LEN:
-            length = int.from_bytes(part, "little")
-            part.clear()
-            self._on_length(length)
+            self._on_length(int.from_bytes(field, "little"))
             return
         value_len = 0 if mode == _PAD else self._strlen
-        if any(part[value_len:]):
+        if any(field[value_len:]):
             raise NarError("NAR padding is not zero")
-        value = bytes(part[:value_len])
-        part.clear()
         if mode == _PAD:
             self._end_contents()
         else:
-            self._resume(value)
+            self._resume(bytes(field[:value_len]))
 
     def _on_length(self, length: int) -> None:
         req = self._req
