@@ -153,6 +153,27 @@ class StoreClient:
     def add_to_store_nar(self, req: schema.AddToStoreNar, chunks) -> None:
         self._stream(req, chunks, schema.Ok)
 
+    def add_nars(self, items) -> None:
+        """AddMultipleToStore's paths, sent without waiting for answers (the
+        session adds one while the next is read from the client), then one
+        answer for all (``schema.AddNarBatch``).
+
+        Args:
+            items: yields ``(AddToStoreNar, chunks)``; a ``StoreRefusal`` it
+                raises ends the batch there: the paths before it are still
+                added, and an earlier path's failure is the one raised.
+        """
+        self.channel.send(schema.AddNarBatch())
+        try:
+            for request, chunks in items:
+                self.channel.send(request)
+                self._send_chunks(chunks)
+                self.channel.send(schema.End())
+        except StoreRefusal:
+            self._call(schema.EndNarBatch(), schema.Ok)
+            raise
+        self._call(schema.EndNarBatch(), schema.Ok)
+
     def import_path(self, chunks, meta) -> str:
         """Send one exported NAR, then its metadata (read after the NAR)."""
         self.channel.send(schema.ImportPath())

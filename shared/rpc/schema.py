@@ -178,6 +178,19 @@ class ImportAbandoned(_Msg, tag=74):
     and answers ``Failure``.  Anywhere else it is a violation."""
 
 
+class AddNarBatch(_Msg, tag=76):
+    """AddMultipleToStore: ``AddToStoreNar`` requests follow, each with its
+    NAR (Chunk frames and End), sent without waiting for answers, then
+    ``EndNarBatch``.  The session runs each as a single AddToStoreNar; after
+    the first failure it reads and drops the rest.  It sends nothing until
+    ``EndNarBatch`` (the worker is not reading meanwhile), then one answer:
+    ``Ok``, or the first ``Failure``."""
+
+
+class EndNarBatch(_Msg, tag=78):
+    """The end of an ``AddNarBatch``; anywhere else a violation."""
+
+
 class BuildPaths(_Msg, tag=48):
     """Build or ensure derived paths (">= 1.30" syntax); mode 0 normal, 1 repair, 2 check."""
     targets: list[str]
@@ -263,6 +276,7 @@ Request = Union[
     ImportPath, ImportPathMeta, BuildPaths, EnsurePath, BuildDerivation,
     AddIndirectRoot, FindRoots, CollectGarbage, AddPermRoot, OptimiseStore,
     VerifyStore, AddBuildLog, RegisterDrvOutput, Goodbye, ImportAbandoned,
+    AddNarBatch, EndNarBatch,
 ]
 
 

@@ -15,8 +15,9 @@ import re
 
 from nixwarden.shared.errors import StoreRefusal, WorkerViolation
 from nixwarden.shared.logtypes import error_line, warning_line
-from nixwarden.shared.rpc import schema
+from nixwarden.shared.rpc import codec, schema
 from nixwarden.shared.storepath import StorePath
+from nixwarden.supervisor.session.loop import dispatch
 from nixwarden.supervisor.store.adding import drain
 
 
@@ -250,6 +251,29 @@ def on_add_to_store_nar(session, req: schema.AddToStoreNar):
     return schema.Ok()
 
 
+def on_add_nar_batch(session, req: schema.AddNarBatch):
+    """AddMultipleToStore's paths, streamed by the worker without waiting
+    (see ``schema.AddNarBatch``): each goes through the rules as a single
+    AddToStoreNar would (its handler reads its whole NAR, failing or not).
+    As in CppNix, the first failure ends the additions: the paths before it
+    stay, the NARs after it are read and dropped."""
+    failure = None
+    while True:
+        item = codec.decode_request(session.channel.recv_frame())
+        if isinstance(item, schema.EndNarBatch):
+            return failure or schema.Ok()
+        if not isinstance(item, schema.AddToStoreNar):
+            raise WorkerViolation(f"{type(item).__name__} inside a NAR batch")
+        if failure is not None:
+            drain(session.stream())
+            continue
+        reply = dispatch(session, item)
+        if isinstance(reply, schema.Failure):
+            failure = reply
+            if getattr(session, "broken", False):  # an internal error: the session ends
+                return failure
+
+
 def on_add_to_store(session, req: schema.AddToStore):
     from nixwarden.shared.storepath import ContentAddressMethod
     chunks = session.stream()
@@ -278,7 +302,6 @@ def on_stray_stream(session, req):
 
 
 def on_import_path(session, req: schema.ImportPath):
-    from nixwarden.shared.rpc import codec
     from nixwarden.supervisor.store.adding import NarClaim
 
     def read_claim(nar_hash, nar_size):

@@ -40,6 +40,7 @@ RULES: dict[type, Rule] = {
     schema.QueryRealisation: Rule(h.on_query_realisation),
     schema.CheckNarReadable: Rule(h.on_check_nar_readable),
     schema.AddToStoreNar: Rule(h.on_add_to_store_nar),
+    schema.AddNarBatch: Rule(h.on_add_nar_batch),
     schema.AddToStore: Rule(h.on_add_to_store),
     schema.AddSignatures: Rule(h.on_add_signatures, trusted_only=True,
                                refusal="you are not privileged to add signatures"),
@@ -64,4 +65,5 @@ RULES: dict[type, Rule] = {
     # they are a violation.
     schema.Chunk: Rule(h.on_stray_stream),
     schema.End: Rule(h.on_stray_stream),
+    schema.EndNarBatch: Rule(h.on_stray_stream),
 }

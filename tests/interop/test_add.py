@@ -175,6 +175,30 @@ def multiple_op(tag):
     return fn
 
 
+def multiple_failing(kind):
+    """AddMultipleToStore whose middle path is refused: its NAR hash is
+    wrong (found once its NAR is in), or its path is outside the store
+    (refused as it is read); or both, the bad hash first and the bad path
+    after it (the first error is the one reported).  The path before the
+    refused one stays added, the one after it is not."""
+    def fn(c, ctx):
+        store = ctx["store"]
+        a, b, after = (input_path(store, f"multi-fail-{kind}-{x}", kind) for x in "abc")
+        wrong_hash = {"nar_hash": hashlib.sha256(b"other").hexdigest()}
+        items = {"hash": [(a, {}), (b, wrong_hash), (after, {})],
+                 "path": [(a, {}), ("/etc/" + os.path.basename(b), {}), (after, {})],
+                 "hash-then-path": [(a, {}), (b, wrong_hash),
+                                    ("/etc/" + os.path.basename(after), {})]}[kind]
+        try:
+            c.add_multiple([(p, nar(p.encode()), claims) for p, claims in items],
+                           dont_check_sigs=True)
+            outcome = "added"
+        except DaemonError as exc:
+            outcome = ("DaemonError", str(exc))
+        return outcome, [c.is_valid_path(p) for p in (a, b, after)]
+    return fn
+
+
 def nar_error(kind):
     """AddToStoreNar with a wrong claim or a bad NAR (trusted, no sig checks)."""
     def fn(c, ctx):
@@ -340,6 +364,9 @@ STEPS = {
     "nar-on-valid-38": wc(38, nar_on_valid_path),
     "multiple-32": wc(32, multiple_op("32")),
     "multiple-38": wc(38, multiple_op("38")),
+    "multiple-bad-hash-38": wc(38, multiple_failing("hash")),
+    "multiple-bad-path-38": wc(38, multiple_failing("path")),
+    "multiple-bad-hash-then-path-38": wc(38, multiple_failing("hash-then-path")),
     "err-hash-38": wc(38, nar_error("hash")),
     "err-size-38": wc(38, nar_error("size")),
     "err-ca-38": wc(38, nar_error("ca")),

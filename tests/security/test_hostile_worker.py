@@ -220,6 +220,11 @@ def _violations(store, tmp_marker):
             schema.QueryValidPaths([store.path, "/etc/shadow"], False)),
         "temp-root-outside-store": lambda w: w.channel.send(schema.AddTempRoot("/etc")),
         "abandon-outside-import": lambda w: w.channel.send(schema.ImportAbandoned()),
+        "batch-end-outside-batch": lambda w: w.channel.send(schema.EndNarBatch()),
+        "query-inside-batch": lambda w: (w.channel.send(schema.AddNarBatch()),
+                                         w.channel.send(schema.IsValidPath(store.path))),
+        "nested-batch": lambda w: (w.channel.send(schema.AddNarBatch()),
+                                   w.channel.send(schema.AddNarBatch())),
     }
 
 
@@ -230,6 +235,7 @@ VIOLATION_CASES = [
     "trailing-bytes", "empty-frame", "path-outside-store", "path-dotdot",
     "path-other-store-dir", "path-in-list",
     "temp-root-outside-store", "abandon-outside-import",
+    "batch-end-outside-batch", "query-inside-batch", "nested-batch",
 ]
 
 

@@ -146,16 +146,21 @@ def add_multiple_to_store(ctx):
     repair = yield from w.boolean()
     dont_check_sigs = yield from w.boolean()
 
+    def items(source):
+        count = source.run(w.count())
+        for _ in range(count):
+            path = source.run(read_path())
+            fields = source.run(read_path_info_fields())
+            fields = fields[:5] + (False,) + fields[6:]  # ultimate is cleared (spec §6)
+            # A refused claim ends the batch; the rest of the stream,
+            # this NAR included, is drained below.
+            yield (_nar_request(ctx, path, fields, repair, dont_check_sigs),
+                   nar_chunks(source))
+
     def run():
         source = FramedSource(ctx.conn)
         try:
-            count = source.run(w.count())
-            for _ in range(count):
-                path = source.run(read_path())
-                fields = source.run(read_path_info_fields())
-                chunks = nar_chunks(source)
-                fields = fields[:5] + (False,) + fields[6:]  # ultimate is cleared (spec §6)
-                _forward_nar(ctx, path, fields, repair, dont_check_sigs, chunks)
+            ctx.store.add_nars(items(source))
         finally:
             source.drain()
         return b""
