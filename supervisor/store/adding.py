@@ -223,19 +223,23 @@ class StoreWriter:
         self.temp_roots.add(path)
         info = PathInfo(path, None, f"sha256:{got.nar_hash.to_base16()}",
                         tuple(sorted(references)), 0, got.nar_size, False, (), ca.render())
-        return self._commit(entry, info, repair)
+        self._commit(entry, info, repair)
+        return self.db.query_path_info(path)
 
     # --- moving into place ---------------------------------------------------------
 
-    def _commit(self, entry: str, info: PathInfo, repair: bool) -> PathInfo:
+    def _commit(self, entry: str, info: PathInfo, repair: bool) -> None:
+        """Move ``entry`` into place as ``info.path`` and register it, under
+        the path's lock; a path found valid meanwhile is kept as it is (the
+        entry is dropped) unless repairing."""
         base = self.store_dir.parse(info.path).base
+        moved = False
         try:
             with PathLock([self.layout.real_path(info.path)]):
                 if not repair and self.db.is_valid(info.path):
-                    remove_entry(self.store_fd, entry)
-                    return self.db.query_path_info(info.path)
-                remove_entry(self.store_fd, base)
-                os.rename(entry, base, src_dir_fd=self.store_fd, dst_dir_fd=self.store_fd)
+                    return
+                self._move_into_place(entry, base)
+                moved = True
                 if self.auto_optimise:
                     from nixwarden.supervisor.store.optimise import auto_optimise
                     auto_optimise(self.layout, self.layout.real_path(info.path))
@@ -245,8 +249,21 @@ class StoreWriter:
                     remove_entry(self.store_fd, base)
                     raise
         finally:
-            remove_entry(self.store_fd, entry)
-        return self.db.query_path_info(info.path)
+            if not moved:
+                remove_entry(self.store_fd, entry)
+
+    def _move_into_place(self, entry: str, base: str) -> None:
+        """Rename ``entry`` to ``base``; whatever is at ``base`` (an invalid
+        left-over, or the old copy when repairing) is replaced: by the
+        rename itself for a file, removed first for a directory."""
+        try:
+            os.rename(entry, base, src_dir_fd=self.store_fd, dst_dir_fd=self.store_fd)
+            return
+        except OSError as exc:
+            if exc.errno not in _IN_THE_WAY:
+                raise
+        remove_entry(self.store_fd, base)
+        os.rename(entry, base, src_dir_fd=self.store_fd, dst_dir_fd=self.store_fd)
 
     def _derivation_outputs(self, info: PathInfo):
         if not info.path.endswith(".drv"):
@@ -271,6 +288,10 @@ def _receive_refusal(exc: BaseException) -> StoreRefusal | None:
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+#: rename(2)'s errors when something it cannot replace is at the target:
+#: a non-empty directory, or a directory where the entry is not one (or
+#: the reverse).
+_IN_THE_WAY = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
 
 
 def drain(chunks) -> None:

@@ -173,6 +173,31 @@ def test_symlinks_are_stored_not_followed(nixenv, nixwarden):
     assert nixenv.run("nix-store", "--dump", p).stdout == data
 
 
+LEFTOVERS = {
+    "full-directory": lambda p: (os.makedirs(os.path.join(p, "sub")),
+                                 open(os.path.join(p, "sub", "old"), "w").close()),
+    "empty-directory": os.mkdir,
+    "file": lambda p: open(p, "w").close(),
+    "symlink": lambda p: os.symlink("/etc", p),
+}
+ROOTS = {"directory": TREE, "file": b"new contents\n", "symlink": Link("somewhere")}
+
+
+@pytest.mark.parametrize("leftover", sorted(LEFTOVERS))
+@pytest.mark.parametrize("root", sorted(ROOTS))
+def test_an_invalid_leftover_at_the_path_is_replaced(nixenv, nixwarden, leftover, root):
+    """Whatever lies at a path that is not valid (a crashed add, a partial
+    delete) is replaced by the added object, as nix-daemon does."""
+    data = nar(ROOTS[root])
+    path = input_path(nixenv.store_dir, f"leftover-{leftover}-{root}", "l")
+    LEFTOVERS[leftover](path)
+    c = AddClient(nixenv.socket_path)
+    c.add_to_store_nar(path, data, dont_check_sigs=True)
+    assert c.query_path_info(path)["narSize"] == len(data)
+    assert nixenv.run("nix-store", "--dump", path).stdout == data
+    assert wait_no_temp(nixenv.store_dir) == []
+
+
 # --- disconnects -------------------------------------------------------------------
 
 BIG = nar({"big": os.urandom(1024) * 8192, "small": b"x"})  # ~8 MiB
