@@ -26,8 +26,8 @@ from nixwarden.shared.storepath import output_path_name
 from nixwarden.supervisor.build import ca
 from nixwarden.supervisor.build.canonical import canonicalise
 from nixwarden.supervisor.build.outputchecks import check_outputs
-from nixwarden.supervisor.store.pathinfo import PathInfo
 from nixwarden.supervisor.store import signatures
+from nixwarden.supervisor.store.pathinfo import PathInfo
 from nixwarden.supervisor.store.restore import remove_entry
 
 
