@@ -33,8 +33,8 @@ def _function_level_imports() -> set[str]:
                 elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nixwarden"):
                     for alias in node.names:
                         sub = f"{node.module}.{alias.name}"
-                        is_module = importlib.util.find_spec(sub) is not None \
-                            if _is_package(node.module) else False
+                        is_module = (_is_package(node.module)
+                                     and importlib.util.find_spec(sub) is not None)
                         found.add(sub if is_module else node.module)
     return found
 
