@@ -298,7 +298,7 @@ def on_add_signatures(session, req: schema.AddSignatures):
 
 
 def on_stray_stream(session, req):
-    raise WorkerViolation("bulk data outside an upload")
+    raise WorkerViolation(f"{type(req).__name__} outside an upload")
 
 
 def on_import_path(session, req: schema.ImportPath):
