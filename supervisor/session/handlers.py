@@ -270,7 +270,7 @@ def on_add_nar_batch(session, req: schema.AddNarBatch):
         reply = dispatch(session, item)
         if isinstance(reply, schema.Failure):
             failure = reply
-            if getattr(session, "broken", False):  # an internal error: the session ends
+            if session.broken:  # an internal error: the session ends
                 return failure
 
 

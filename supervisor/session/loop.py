@@ -56,7 +56,7 @@ def serve(session, channel: Channel) -> int:
         try:
             payload = channel.recv_frame()
         except ChannelClosed:
-            return getattr(session, "exit_status", 0)
+            return session.exit_status
         except (WorkerViolation, OSError) as exc:
             _violation(session, "frame", exc)
             return 2
@@ -77,7 +77,7 @@ def serve(session, channel: Channel) -> int:
             channel.send(reply)
         except OSError:
             return 0
-        if getattr(session, "broken", False):
+        if session.broken:
             return 3
 
 

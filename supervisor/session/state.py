@@ -31,6 +31,8 @@ class Session:
     _substituters: object = None  # store.substitute.Substituters, made on first use
     store_dir: StoreDir = field(init=False)
     requests: int = 0
+    broken: bool = False  # an internal error: the session ends after its reply
+    exit_status: int = 0  # from the worker's advisory Goodbye (--stdio)
     rules: dict = field(default_factory=lambda: RULES)  # what this connection may ask
     restriction: object = None  # session.restricted.Restriction of a recursive Nix session
     new_zygote: object = None  # () -> spawner.ZygoteHandle, for recursive Nix
