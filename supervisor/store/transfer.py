@@ -8,9 +8,9 @@ request) and from local files (``file://`` caches).  Errors are classified
 as Nix 2.8's ``filetransfer.cc`` does (404/410 not found, 401/403/407
 forbidden, most 4xx and 501/505/511 hopeless, the rest transient) and
 transient ones are retried ``download-attempts`` times with Nix's back-off
-(250 ms * 2^(n-1+U), U uniform in [0, 0.5)); a broken stream resumes with a ``Range`` request
-when the server accepts ranges, otherwise only if nothing was passed on
-yet.  ``decompress`` turns a stream of compressed chunks into NAR chunks,
+(250 ms * 2^(n-1+U), U uniform in [0, 0.5)); a broken stream resumes with
+a ``Range`` request when the server accepts ranges, otherwise only if
+nothing was passed on yet.  ``decompress`` turns a stream of compressed chunks into NAR chunks,
 choosing the method by magic bytes (xz, bzip2, zstd, gzip, else as is).
 Process: session.
 

@@ -71,6 +71,12 @@ def titles(pids) -> list[str]:
     return out
 
 
+def pooled(daemon, kind: str) -> list[int]:
+    """The daemon's processes waiting in its ``kind`` ("session", "worker") pool."""
+    return [p for p in descendants(daemon.proc.pid)
+            if titles([p]) == [f"nixwarden {kind} (ready)"]]
+
+
 def wait_gone(pids, timeout: float = 10.0) -> set[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -220,12 +226,9 @@ def test_pools_are_refilled_after_connections(env):
             assert c.is_valid_path(env.store_dir + "/" + "0" * 32 + "-x") is False
             c.close()
         WClient(env.socket_path, minor=34).close()
-
-        def ready(kind: str) -> int:
-            return titles(descendants(daemon.proc.pid)).count(f"nixwarden {kind} (ready)")
-
         deadline = time.monotonic() + 10
-        while (ready("session"), ready("worker")) != (limits.SESSION_POOL, limits.WORKER_POOL):
+        while (len(pooled(daemon, "session")), len(pooled(daemon, "worker"))) \
+                != (limits.SESSION_POOL, limits.WORKER_POOL):
             assert time.monotonic() < deadline, titles(descendants(daemon.proc.pid))
             time.sleep(0.05)
     finally:
@@ -239,8 +242,7 @@ def test_pooled_sessions_already_hold_the_substitution_and_signature_code(env):
     daemon = start_nixwarden(env)
     try:
         deadline = time.monotonic() + 10
-        while not (sessions := [p for p in descendants(daemon.proc.pid)
-                                if titles([p]) == ["nixwarden session (ready)"]]):
+        while not (sessions := pooled(daemon, "session")):
             assert time.monotonic() < deadline, titles(descendants(daemon.proc.pid))
             time.sleep(0.05)
         with open(f"/proc/{sessions[0]}/maps") as f:

@@ -30,7 +30,8 @@ def _function_level_imports() -> set[str]:
             for node in ast.walk(fn):
                 if isinstance(node, ast.Import):
                     found.update(a.name for a in node.names if a.name.startswith("nixwarden."))
-                elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nixwarden"):
+                elif isinstance(node, ast.ImportFrom) \
+                        and (node.module or "").startswith("nixwarden"):
                     for alias in node.names:
                         sub = f"{node.module}.{alias.name}"
                         is_module = (_is_package(node.module)
